@@ -1,0 +1,154 @@
+"""lm_head + loss fused over chunks of tokens, with the gradients computed during the forward pass.
+
+Materialising student and teacher logits for N tokens at a 152k vocabulary costs N x V x 4 bytes per
+copy, and a plain autograd implementation keeps several such copies (logits, log-softmaxes, their
+gradients). Here each chunk of C tokens computes its logits, its loss and d(loss)/d(logits), folds
+that into d/d(hidden) and d/d(weight) right away, and frees everything [C, V] before the next chunk
+(the approach of Liger-Kernel's chunked losses, written out in PyTorch). Backward only rescales the
+stored gradients by the incoming one.
+
+Hand-written on purpose: Liger-Kernel implements this for a fixed set of losses on GPUs with Triton;
+here it must serve every loss of the registry (incl. CTKD's learnable temperature) on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import DistillationLoss, check_mask_and_labels
+
+TARGET_CHUNK_ELEMENTS = 1 << 22  # ~16 MB per float32 [C, V] buffer; C = 27 at V = 152k
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
+    """A power of two with C * V ~ TARGET_CHUNK_ELEMENTS, at least 8 rows and at most num_tokens."""
+    rows = max(TARGET_CHUNK_ELEMENTS // max(vocab_size, 1), 8)
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(rows, num_tokens))
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, t_logits, labels, loss_fn, chunk_size, num_params, *params):
+        n = h_s.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_params = [ctx.needs_input_grad[9 + i] for i in range(num_params)]
+        grad_h = torch.empty_like(h_s) if need_h else None
+        # Accumulate the weight gradient in at least float32: bf16 sums over many chunks lose precision.
+        grad_w = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32), device=h_s.device)
+        trainable = [p for p, need in zip(params, need_params) if need]
+
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h_chunk = h_s[start:end]
+            if t_logits is not None:
+                teacher_chunk = t_logits[start:end]
+            elif h_t is not None:
+                teacher_chunk = h_t[start:end] @ w_t.T
+            else:
+                teacher_chunk = None
+            with torch.enable_grad():
+                s_logits = (h_chunk @ w_s.T).detach().requires_grad_(True)
+                y = labels[start:end] if labels is not None else None
+                chunk_loss = loss_fn.per_token(s_logits, teacher_chunk, y).sum() / n
+                grads = torch.autograd.grad(chunk_loss, [s_logits, *trainable], allow_unused=True)
+            total += chunk_loss.detach()
+            d_logits = grads[0].to(w_s.dtype)
+            if need_h:
+                grad_h[start:end] = d_logits @ w_s
+            if need_w:
+                grad_w.addmm_(d_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+            k = 1
+            for i, need in enumerate(need_params):
+                if need:
+                    if grads[k] is not None:
+                        grad_params[i] += grads[k]
+                    k += 1
+            del s_logits, teacher_chunk, grads, d_logits, chunk_loss
+
+        ctx.save_for_backward(
+            grad_h if need_h else None, grad_w.to(w_s.dtype) if need_w else None, *grad_params
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, *grad_params = ctx.saved_tensors
+        scale = grad_out
+        return (
+            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
+            None, None, None, None, None, None, None,
+            *[g * scale.to(g.dtype) for g in grad_params],
+        )
+
+
+def chunked_lm_head_loss(
+    loss_fn: DistillationLoss,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor],
+    teacher_weight: Optional[torch.Tensor],
+    teacher_logits: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    chunk_size: Optional[int],
+) -> torch.Tensor:
+    """See DistillationLoss.fused."""
+    name = loss_fn.name
+    if student_hidden.dim() != 2 or student_weight.dim() != 2:
+        raise ValueError(
+            f"{name}: student_hidden must be [N, H] and student_weight [V, H], got "
+            f"{tuple(student_hidden.shape)} and {tuple(student_weight.shape)}"
+        )
+    n, h = student_hidden.shape
+    v = student_weight.shape[0]
+    if student_weight.shape[1] != h:
+        raise ValueError(f"{name}: student_hidden has {h} features but student_weight is {tuple(student_weight.shape)}")
+    if loss_fn.needs_teacher:
+        if teacher_logits is not None:
+            if teacher_hidden is not None or teacher_weight is not None:
+                raise ValueError(f"{name}: give teacher_logits or teacher_hidden + teacher_weight, not both")
+            if teacher_logits.shape != (n, v):
+                raise ValueError(
+                    f"{name}: teacher_logits shape {tuple(teacher_logits.shape)} does not match [N, V] = [{n}, {v}]"
+                )
+        else:
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError(f"{name}: needs teacher_hidden and teacher_weight (or teacher_logits)")
+            if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+                raise ValueError(
+                    f"{name}: teacher_hidden shape {tuple(teacher_hidden.shape)} does not match {n} student tokens"
+                )
+            if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[1]:
+                raise ValueError(
+                    f"{name}: teacher_weight {tuple(teacher_weight.shape)} does not fit teacher_hidden "
+                    f"{tuple(teacher_hidden.shape)}"
+                )
+            if teacher_weight.shape[0] != v:
+                raise ValueError(
+                    f"{name}: vocabulary mismatch: student lm_head has {v} rows, teacher lm_head has "
+                    f"{teacher_weight.shape[0]}; slice both to the shared tokenizer vocabulary first"
+                )
+    else:
+        teacher_hidden = teacher_weight = teacher_logits = None
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+
+    mask = check_mask_and_labels(loss_fn, n, v, mask, labels, student_hidden.device)
+    h_s = student_hidden[mask]
+    k = h_s.shape[0]
+    if k == 0:
+        return (student_hidden.sum() + student_weight.sum()) * 0.0
+    with torch.no_grad():
+        h_t = teacher_hidden[mask].detach() if teacher_hidden is not None else None
+        w_t = teacher_weight.detach() if teacher_weight is not None else None
+        t_logits = teacher_logits[mask].detach() if teacher_logits is not None else None
+    y = labels[mask] if labels is not None else None
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v)
+    params = list(loss_fn.parameters())
+    return _ChunkedLMHeadLoss.apply(h_s, student_weight, h_t, w_t, t_logits, y, loss_fn, chunk, len(params), *params)

@@ -1,0 +1,122 @@
+"""The chunked lm_head + loss path against the plain path: same value, same gradients."""
+
+import pytest
+import torch
+
+from taid_vlm.losses import LOSS_NAMES, build_loss
+from taid_vlm.losses.chunked import default_chunk_size
+
+N, H_S, H_T, V = 23, 6, 9, 17
+
+
+def inputs(dtype=torch.float64, seed=0, banned_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, H_S, generator=g, dtype=dtype, requires_grad=True)
+    ws = torch.randn(V, H_S, generator=g, dtype=dtype, requires_grad=True)
+    ht = torch.randn(N, H_T, generator=g, dtype=dtype)
+    wt = torch.randn(V, H_T, generator=g, dtype=dtype)
+    mask = torch.rand(N, generator=g) < 0.75
+    labels = torch.randint(0, V, (N,), generator=g)
+    return hs, ws, ht, wt, mask, labels
+
+
+def grads_of(value, tensors):
+    return torch.autograd.grad(value, tensors, allow_unused=True)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, N, 64, None])
+def test_fused_equals_unfused_value_and_gradients(name, chunk_size):
+    hs, ws, ht, wt, mask, labels = inputs(seed=len(name))
+    loss = build_loss(name, **({"ce_weight": 0.3} if name != "ce" else {})).double()
+    params = list(loss.parameters())
+    plain = loss(hs @ ws.T, ht @ wt.T, mask, labels)
+    g_plain = grads_of(plain, [hs, ws, *params])
+    fused = loss.fused(hs, ws, ht, wt, mask, labels=labels, chunk_size=chunk_size)
+    g_fused = grads_of(fused, [hs, ws, *params])
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert (g_fused[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["taid", "fkl", "rkl", "akl"])
+def test_fused_float32_and_precomputed_teacher_logits(name):
+    hs, ws, ht, wt, mask, labels = inputs(dtype=torch.float32, seed=3)
+    loss = build_loss(name)
+    plain = loss(hs @ ws.T, ht @ wt.T, mask, labels)
+    g_plain = grads_of(plain, [hs, ws])
+    fused = loss.fused(hs, ws, mask=mask, teacher_logits=ht @ wt.T, chunk_size=5)
+    g_fused = grads_of(fused, [hs, ws])
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_bf16_weights_close_to_float32():
+    """bf16 model: logits in bf16 matmul, loss in float32, weight gradient accumulated in float32."""
+    hs, ws, ht, wt, mask, _ = inputs(dtype=torch.float32, seed=5)
+    loss = build_loss("taid")
+    ref = loss.fused(hs, ws, ht, wt, mask, chunk_size=4)
+    g_ref = grads_of(ref, [hs, ws])
+    hb, wb = hs.detach().bfloat16().requires_grad_(), ws.detach().bfloat16().requires_grad_()
+    got = loss.fused(hb, wb, ht.bfloat16(), wt.bfloat16(), mask, chunk_size=4)
+    g_got = grads_of(got, [hb, wb])
+    assert got.dtype == torch.float32 and g_got[0].dtype == torch.bfloat16 and g_got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=3e-2, atol=3e-2)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+
+
+def test_fused_with_frozen_lm_head_only_returns_hidden_gradient():
+    hs, ws, ht, wt, mask, _ = inputs(seed=7)
+    w_frozen = ws.detach()
+    value = build_loss("fkl").fused(hs, w_frozen, ht, wt, mask, chunk_size=3)
+    (g,) = grads_of(value, [hs])
+    plain = build_loss("fkl")(hs @ w_frozen.T, ht @ wt.T, mask)
+    torch.testing.assert_close(g, grads_of(plain, [hs])[0], rtol=1e-10, atol=1e-13)
+
+
+def test_fused_gradient_scales_with_upstream_gradient():
+    hs, ws, ht, wt, mask, _ = inputs(seed=9)
+    loss = build_loss("taid")
+    (g1,) = grads_of(loss.fused(hs, ws, ht, wt, mask, chunk_size=5), [hs])
+    (g3,) = grads_of(3.0 * loss.fused(hs, ws, ht, wt, mask, chunk_size=5), [hs])
+    torch.testing.assert_close(g3, 3.0 * g1, rtol=1e-12, atol=0)
+
+
+def test_fused_empty_mask_is_zero_with_zero_gradients():
+    hs, ws, ht, wt, _, _ = inputs(seed=11)
+    value = build_loss("taid").fused(hs, ws, ht, wt, torch.zeros(N, dtype=torch.bool))
+    g_h, g_w = grads_of(value, [hs, ws])
+    assert value.item() == 0.0 and (g_h == 0).all() and (g_w == 0).all()
+
+
+def test_fused_mismatches_are_clear_errors():
+    hs, ws, ht, wt, mask, _ = inputs(seed=13)
+    loss = build_loss("fkl")
+    with pytest.raises(ValueError, match="vocabulary mismatch: student lm_head has 17 rows, teacher lm_head has 16"):
+        loss.fused(hs, ws, ht, wt[:16], mask)
+    with pytest.raises(ValueError, match="student_hidden has 6 features"):
+        loss.fused(hs, torch.randn(V, 5, dtype=hs.dtype), ht, wt, mask)
+    with pytest.raises(ValueError, match="teacher_hidden shape .* does not match 23 student tokens"):
+        loss.fused(hs, ws, ht[:5], wt, mask)
+    with pytest.raises(ValueError, match="needs teacher_hidden and teacher_weight"):
+        loss.fused(hs, ws, mask=mask)
+    with pytest.raises(ValueError, match="not both"):
+        loss.fused(hs, ws, ht, wt, mask, teacher_logits=ht @ wt.T)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        loss.fused(hs, ws, ht, wt, mask, chunk_size=0)
+
+
+def test_ce_fused_needs_no_teacher():
+    hs, ws, _, _, mask, labels = inputs(seed=15)
+    loss = build_loss("ce")
+    torch.testing.assert_close(loss.fused(hs, ws, mask=mask, labels=labels), loss(hs @ ws.T, None, mask, labels))
+
+
+def test_default_chunk_size_bounds():
+    assert default_chunk_size(4096, 151_936) == 16
+    assert default_chunk_size(10, 151_936) == 10
+    assert default_chunk_size(100_000, 512) == 8192
+    assert default_chunk_size(3, 10**9) == 3
