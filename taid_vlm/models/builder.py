@@ -1,0 +1,78 @@
+"""``build_model(cfg, role)``: teacher or student from the YAML-shaped ``model`` section of a recipe."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Tuple
+
+from .base import ROLES, DistillableModel
+from .config_checks import check_keys, choose, dtype_name, resolve_dtype
+
+MODEL_TYPES = ("composed", "hf_vlm", "causal_lm")
+_COMPOSED_KEYS = ("type", "dtype", "tokenizer", "image_token", "vision", "projector", "llm", "freeze")
+_CAUSAL_KEYS = ("type", "dtype", "tokenizer", "llm", "freeze")
+
+
+def build_model(cfg: Mapping[str, Any], role: str = "student", where: str = "model") -> DistillableModel:
+    """Build a model; ``role="teacher"`` freezes every parameter and pins eval mode."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(cfg).__name__}")
+    choose(role, ROLES, "role", "role")
+    cfg = copy.deepcopy(dict(cfg))
+    kind = choose(cfg.get("type"), MODEL_TYPES, f"{where}.type", "model type")
+    dtype = resolve_dtype(cfg.get("dtype", "float32"), f"{where}.dtype")
+    cfg["dtype"] = dtype_name(dtype)
+
+    if kind == "composed":
+        model = _build_composed(cfg, dtype, where)
+    elif kind == "causal_lm":
+        model = _build_causal_lm(cfg, dtype, where)
+    else:
+        from .hf_vlm_adapter import HFVisionLanguageModel
+
+        model = HFVisionLanguageModel.from_config(cfg, dtype, where)
+    model.freeze(cfg.get("freeze") or [], f"{where}.freeze")
+    model.set_role(role)
+    model.eval()  # deterministic until the trainer calls .train() (a teacher ignores it)
+    return model
+
+
+def build_pair(teacher_cfg: Mapping, student_cfg: Mapping) -> Tuple[DistillableModel, DistillableModel]:
+    """Teacher and student, checked for a shared vocabulary before anything else runs."""
+    from .vocab_check import check_vocab_compatible
+
+    teacher = build_model(teacher_cfg, role="teacher", where="teacher")
+    student = build_model(student_cfg, role="student", where="student")
+    check_vocab_compatible(teacher, student)
+    return teacher, student
+
+
+def _build_composed(cfg: dict, dtype, where: str) -> DistillableModel:
+    from .composed import ComposedVLM
+    from .language_model import build_language_model
+    from .projectors import build_projector
+    from .tokenizer_loading import image_token_id, load_tokenizer
+    from .vision import build_vision
+
+    check_keys(cfg, _COMPOSED_KEYS, where, required=("tokenizer", "vision", "projector", "llm"))
+    tokenizer = load_tokenizer(cfg["tokenizer"], f"{where}.tokenizer")
+    image_token = cfg.get("image_token") or "<image>"
+    tid = image_token_id(tokenizer, image_token, f"{where}.image_token")
+    vision = build_vision(cfg["vision"], dtype, f"{where}.vision")
+    for p in vision.unused_parameters():
+        p.requires_grad_(False)
+    llm = build_language_model(cfg["llm"], tokenizer, dtype, f"{where}.llm")
+    projector = build_projector(cfg["projector"], vision.hidden_size, llm.get_input_embeddings().embedding_dim,
+                                vision.grid, vision.num_tokens, f"{where}.projector").to(dtype)
+    return ComposedVLM(vision, projector, llm, tokenizer, image_token, tid, cfg)
+
+
+def _build_causal_lm(cfg: dict, dtype, where: str) -> DistillableModel:
+    from .language_model import build_language_model
+    from .text_only import CausalLM
+    from .tokenizer_loading import load_tokenizer
+
+    check_keys(cfg, _CAUSAL_KEYS, where, required=("tokenizer", "llm"))
+    tokenizer = load_tokenizer(cfg["tokenizer"], f"{where}.tokenizer")
+    llm = build_language_model(cfg["llm"], tokenizer, dtype, f"{where}.llm")
+    return CausalLM(llm, tokenizer, cfg)

@@ -1,0 +1,86 @@
+"""Save / load / export.
+
+A saved model is a folder:
+    taid_model.json     the YAML-shaped config that rebuilds it (paths relative to the folder)
+    llm/                composed and text-only models: the LM as a standalone Hugging Face model + tokenizer
+                        (``AutoModelForCausalLM.from_pretrained(<dir>/llm)`` works)
+    model.safetensors   composed models: the vision encoder and projector weights
+    hf_model/           native HF VLMs: ``save_pretrained`` output + tokenizer + image processor
+The folder is written next to its destination and renamed into place, so a crash leaves the last good copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Optional, Union
+
+CONFIG_FILE = "taid_model.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_model(model, directory: Union[str, Path], state_dict: Optional[dict] = None) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        model.write_weights(tmp, state_dict)
+        payload = {"format_version": FORMAT_VERSION, "model": model.export_config()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _resolve(path_value, directory: Path):
+    if path_value is None or os.path.isabs(str(path_value)):
+        return path_value
+    return str(directory / path_value)
+
+
+def load_model(directory: Union[str, Path], role: str = "student"):
+    """Rebuild a model saved by ``save_pretrained``; outputs are bit-identical to the saved model's."""
+    from safetensors.torch import load_file
+
+    from .builder import build_model
+
+    directory = Path(directory)
+    cfg_file = directory / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ValueError(f"{str(directory)!r} is not a saved taid-vlm model (no {CONFIG_FILE})")
+    payload = json.loads(cfg_file.read_text())
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: format_version {payload.get('format_version')!r}; expected {FORMAT_VERSION}")
+    cfg = payload["model"]
+    cfg["path"] = _resolve(cfg.get("path"), directory) if "path" in cfg else None
+    if cfg["path"] is None:
+        cfg.pop("path")
+    for section in ("tokenizer", "llm", "vision"):
+        if isinstance(cfg.get(section), dict) and cfg[section].get("path") is not None:
+            cfg[section]["path"] = _resolve(cfg[section]["path"], directory)
+    model = build_model(cfg, role=role)
+    weights = directory / WEIGHTS_FILE
+    if weights.is_file():
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]  # the LM came from llm/
+        if missing or unexpected:
+            raise ValueError(f"{weights}: does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model

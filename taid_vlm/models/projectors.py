@@ -1,0 +1,114 @@
+"""Projectors from vision tokens ``[B, N, D]`` to LM embeddings ``[B, K, H]``, chosen by name.
+
+A new projector is one function decorated with ``@register_projector("name")`` that returns a module
+with ``num_output_tokens(n_in) -> int``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config_checks import check_keys, choose
+
+ProjectorFactory = Callable[..., nn.Module]
+_REGISTRY: Dict[str, ProjectorFactory] = {}
+
+
+def register_projector(name: str):
+    def deco(fn: ProjectorFactory) -> ProjectorFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"projector {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def projector_names() -> list:
+    return sorted(_REGISTRY)
+
+
+def build_projector(cfg, vision_dim: int, llm_dim: int, grid: Optional[Tuple[int, int]], num_tokens: int,
+                    where: str = "model.projector") -> nn.Module:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a mapping like {{type: mlp2x_gelu}}, got {cfg!r}")
+    kind = choose(cfg.get("type"), _REGISTRY, f"{where}.type", "projector")
+    options = {k: v for k, v in cfg.items() if k != "type"}
+    for reserved in ("vision_dim", "llm_dim", "grid", "num_tokens", "where"):
+        if reserved in options:
+            raise ValueError(f"{where}.{reserved}: set by the builder, not by config")
+    return _REGISTRY[kind](vision_dim=vision_dim, llm_dim=llm_dim, grid=grid, num_tokens=num_tokens,
+                           where=where, **options)
+
+
+class TokenwiseProjector(nn.Module):
+    """Maps every vision token independently; keeps the token count."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def num_output_tokens(self, n_in: int) -> int:
+        return n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_projector("linear")
+def _linear(vision_dim, llm_dim, grid, num_tokens, where, **options):
+    check_keys(options, [], where)
+    return TokenwiseProjector(nn.Linear(vision_dim, llm_dim))
+
+
+@register_projector("mlp2x_gelu")
+def _mlp2x_gelu(vision_dim, llm_dim, grid, num_tokens, where, **options):
+    check_keys(options, [], where)  # LLaVA-1.5's projector
+    return TokenwiseProjector(nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)))
+
+
+def pixel_shuffle(x: torch.Tensor, grid: Tuple[int, int], factor: int) -> torch.Tensor:
+    """[B, h*w, D] -> [B, (h/f)*(w/f), D*f*f]: each f x f block of neighbouring patches becomes one token.
+
+    Within a block the channels are ordered (row offset, column offset, channel), row-major; output tokens
+    keep the row-major order of the blocks.
+    """
+    b, n, d = x.shape
+    h, w = grid
+    x = x.reshape(b, h // factor, factor, w // factor, factor, d)
+    x = x.permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // factor) * (w // factor), factor * factor * d)
+
+
+class PixelShuffleMLP(nn.Module):
+    """InternVL-style: merge f x f patches (f=2: 4x fewer tokens), then LayerNorm -> Linear -> GELU -> Linear."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, grid: Tuple[int, int], factor: int = 2):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.factor = factor
+        merged = vision_dim * factor * factor
+        self.mlp = nn.Sequential(nn.LayerNorm(merged), nn.Linear(merged, llm_dim), nn.GELU(),
+                                 nn.Linear(llm_dim, llm_dim))
+
+    def num_output_tokens(self, n_in: int) -> int:
+        return n_in // (self.factor * self.factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pixel_shuffle(x, self.grid, self.factor))
+
+
+@register_projector("pixel_shuffle_mlp")
+def _pixel_shuffle_mlp(vision_dim, llm_dim, grid, num_tokens, where, factor: int = 2, **options):
+    check_keys(options, [], where)
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"{where}.factor: must be a positive int, got {factor!r}")
+    if grid is None or grid[0] * grid[1] != num_tokens:
+        raise ValueError(f"{where}.type: pixel_shuffle_mlp needs vision tokens on a grid without a CLS token "
+                         f"(got {num_tokens} tokens, grid {grid}); set drop_cls: true on the vision encoder")
+    if grid[0] % factor or grid[1] % factor:
+        raise ValueError(f"{where}.factor: patch grid {grid[0]}x{grid[1]} is not divisible by {factor}")
+    return PixelShuffleMLP(vision_dim, llm_dim, grid, factor)

@@ -1,0 +1,33 @@
+"""Teacher/student vocabulary compatibility: the loss compares distributions over the same token ids."""
+
+from __future__ import annotations
+
+
+def _describe(role: str, model) -> str:
+    tok = model.tokenizer
+    name = getattr(tok, "name_or_path", "") or "<in-memory>"
+    return (f"{role} tokenizer {type(tok).__name__}({name!r}) with {len(tok)} tokens, "
+            f"output embedding {model.vocab_size} rows")
+
+
+def check_vocab_compatible(teacher, student) -> None:
+    """ValueError naming both vocabularies unless the tokenizers map the same tokens to the same ids.
+
+    Output embeddings padded beyond ``len(tokenizer)`` (on either side, by any amount) are fine: only the
+    first ``len(tokenizer)`` rows are real tokens.
+    """
+    problems = []
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        moved = sorted(k for k in set(t_vocab) & set(s_vocab) if t_vocab[k] != s_vocab[k])[:5]
+        problems.append(f"token-to-id maps differ (only in teacher: {only_t}, only in student: {only_s}, "
+                        f"different ids: {moved})")
+    for role, model in (("teacher", teacher), ("student", student)):
+        if model.vocab_size < len(model.tokenizer):
+            problems.append(f"{role} output embedding has fewer rows ({model.vocab_size}) than its tokenizer "
+                            f"has tokens ({len(model.tokenizer)})")
+    if problems:
+        raise ValueError("teacher and student vocabularies are not compatible: "
+                         f"{_describe('teacher', teacher)}; {_describe('student', student)}: " + "; ".join(problems))
