@@ -1,0 +1,150 @@
+"""Render a Sample for one model (InputSpec): token ids, labels on assistant tokens only, pixels.
+
+Steps for a conversation:
+1. each ``<image>`` marker becomes ONE ``spec.image_token``;
+2. the chat template (``spec.chat_template``, else the tokenizer's own, else the library's ChatML
+   ``CHATML_TEMPLATE``) renders and tokenizes it through transformers' ``apply_chat_template`` with
+   ``return_assistant_tokens_mask=True``: the template's ``{% generation %}`` blocks mark the
+   supervised tokens (assistant content and its end-of-turn token);
+3. each image token is expanded to ``spec.tokens_per_image`` copies (never supervised);
+4. the sequence is cut to ``max_length``; a cut that would fall inside an image span moves to the
+   span's start, and the images whose spans are gone are dropped;
+5. the kept images go through ``spec.image_transform`` and are stacked into ``[n, 3, H, W]``.
+
+A raw document (``Sample.text``, LLM path) is tokenized as is, with the eos token appended; every
+token but the first is supervised. Labels are NOT shifted: ``labels[i]`` is the token at ``i`` when it
+is supervised, else -100; position 0 is never supervised (nothing predicts it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..spec import InputSpec
+from ..tokenizer import CHATML_TEMPLATE
+from .formats import IMAGE_MARKER
+from .samples import Sample
+from .skips import MARKER_MISMATCH, TOO_LONG, SampleError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Rendered:
+    input_ids: List[int]
+    labels: List[int]
+    pixel_values: Optional[torch.Tensor] = None  # [n_images, 3, H, W] or None
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def resolve_template(spec: InputSpec) -> str:
+    return spec.chat_template or getattr(spec.tokenizer, "chat_template", None) or CHATML_TEMPLATE
+
+
+def pad_token_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
+    return int(pid)
+
+
+def check_spec(spec: InputSpec, name: str = "model") -> None:
+    """Startup checks, with messages that say what to fix."""
+    tok = spec.tokenizer
+    pad_token_id(tok)
+    if spec.is_multimodal:
+        if spec.image_token is None or spec.image_token_id is None:
+            raise ValueError(f"{name} InputSpec: multimodal spec needs image_token and image_token_id")
+        ids = tok.encode(spec.image_token, add_special_tokens=False)
+        if ids != [spec.image_token_id]:
+            raise ValueError(
+                f"{name} InputSpec: image_token {spec.image_token!r} tokenizes to {ids}, expected the single "
+                f"id [{spec.image_token_id}]; add it to the tokenizer as a special token")
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    enc = tok.apply_chat_template(probe, chat_template=resolve_template(spec), tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    if not any(enc["assistant_masks"]):
+        raise ValueError(
+            f"{name} InputSpec: the chat template marks no assistant tokens; it needs "
+            "{% generation %}...{% endgeneration %} around assistant content (see "
+            "taid_vlm.tokenizer.CHATML_TEMPLATE), or pass such a template as InputSpec.chat_template")
+
+
+class Renderer:
+    """Renders samples for one model; cheap to pickle into DataLoader workers."""
+
+    def __init__(self, spec: InputSpec, max_length: int):
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.spec = spec
+        self.max_length = int(max_length)
+        self.template = resolve_template(spec)
+        self.eos_id = spec.tokenizer.eos_token_id
+
+    # -- token ids + labels ------------------------------------------------------------------
+    def _chat(self, sample: Sample):
+        spec, tok = self.spec, self.spec.tokenizer
+        msgs = sample.messages
+        if sample.images and spec.image_token != IMAGE_MARKER:
+            msgs = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, spec.image_token)}
+                    for m in msgs]
+        enc = tok.apply_chat_template(msgs, chat_template=self.template, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, enc["assistant_masks"])]
+        return ids, labels
+
+    def _text(self, sample: Sample):
+        ids = list(self.spec.tokenizer(sample.text, add_special_tokens=True)["input_ids"])
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+        return ids, list(ids)
+
+    def __call__(self, sample: Sample) -> Rendered:
+        spec = self.spec
+        ids, labels = self._chat(sample) if sample.messages is not None else self._text(sample)
+        n_img = len(sample.images)
+        spans: List[int] = []  # start of each expanded image span
+        if n_img:
+            if not spec.is_multimodal:
+                raise ValueError("a sample with images reached a text-only InputSpec")
+            img_id, n_tok = spec.image_token_id, spec.tokens_per_image
+            if sum(1 for t in ids if t == img_id) != n_img:
+                raise SampleError(MARKER_MISMATCH, "image tokens in the rendered text != images")
+            out_ids: List[int] = []
+            out_labels: List[int] = []
+            for t, lab in zip(ids, labels):
+                if t == img_id:
+                    spans.append(len(out_ids))
+                    out_ids.extend([img_id] * n_tok)
+                    out_labels.extend([IGNORE_INDEX] * n_tok)
+                else:
+                    out_ids.append(t)
+                    out_labels.append(lab)
+            ids, labels = out_ids, out_labels
+        if labels:
+            labels[0] = IGNORE_INDEX
+        truncated = len(ids) > self.max_length
+        if truncated:
+            cut = self.max_length
+            for st in spans:  # never cut an image span: cut before it instead
+                if st < cut < st + spec.tokens_per_image:
+                    cut = st
+            ids, labels = ids[:cut], labels[:cut]
+            spans = [st for st in spans if st + spec.tokens_per_image <= cut]
+        if not any(x != IGNORE_INDEX for x in labels):
+            raise SampleError(TOO_LONG, f"no supervised token within max_length={self.max_length}")
+        pixels = None
+        if spans:
+            pixels = torch.stack([spec.image_transform(img) for img in sample.images[: len(spans)]])
+        return Rendered(ids, labels, pixels, truncated)
