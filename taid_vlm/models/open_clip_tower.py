@@ -51,7 +51,10 @@ def _load_tower_weights(tower, pretrained: str, where: str) -> None:
     state = load_state_dict(str(_weights_file(pretrained, where)))
     if any(k.startswith("visual.") for k in state):  # a full CLIP checkpoint: keep the vision half
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    missing, unexpected = tower.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = tower.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{where}: weights in {pretrained!r} do not fit the tower: {e}") from None
     if missing or unexpected:
         raise ValueError(f"{where}: weights in {pretrained!r} do not fit the tower: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
