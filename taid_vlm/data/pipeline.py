@@ -65,15 +65,24 @@ def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[s
     """Raw samples of one shard (webdataset's tar iterator + group_by_keys); the first ``start`` are
     skipped undecoded. Read errors are counted (truncated tar: samples before the cut survive)."""
 
+    seen = set()  # one truncated tar raises twice (member read, then the header walk): count it once
+
+    def count(exn: BaseException) -> None:
+        msg = str(exn).lower()
+        reason = TRUNCATED_TAR if ("unexpected end" in msg or isinstance(exn, EOFError)) else TAR_ERROR
+        if reason not in seen:
+            skips.add(reason, path)
+            seen.add(reason)
+
     def handler(exn: Exception) -> bool:
-        skips.add(TAR_ERROR, path)
+        count(exn)
         return True
 
     def files():
         try:
             stream = gopen(path)
-        except Exception:  # unreadable / vanished shard: counted, stream goes on
-            skips.add(TAR_ERROR, path)
+        except Exception as e:  # unreadable / vanished shard: counted, the stream goes on
+            count(e)
             return
         try:
             # tarfile raises from its own iterator (outside webdataset's per-member try) on a cut tar;
@@ -81,9 +90,8 @@ def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[s
             for f in tar_file_iterator(stream, handler=handler):
                 f["__url__"] = path
                 yield f
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            skips.add(TRUNCATED_TAR if "unexpected end" in str(e).lower() or isinstance(e, EOFError)
-                      else TAR_ERROR, path)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            count(e)
         finally:
             stream.close()
 
