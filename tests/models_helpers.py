@@ -25,7 +25,7 @@ def text_ids(tokenizer, text: str) -> list:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def interleaved_batch(model, images_per_sample=(1, 2), seed: int = 0):
+def interleaved_batch(model, images_per_sample=(1, 2), seed: int = 1234):
     """Two samples padded to one length; sample i holds images_per_sample[i] images between text pieces.
 
     Returns (input_ids, attention_mask, pixel_values, blocks) where blocks lists (sample, start) of every
