@@ -17,7 +17,7 @@ from taid_vlm.spec import InputSpec
 from .base import DistillableModel, check_image_count
 from .config_checks import check_keys
 from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
-from .language_model import check_language_model
+from .language_model import check_language_model, enable_checkpointing
 from .tokenizer_loading import image_token_id as lookup_image_token_id
 from .tokenizer_loading import load_tokenizer
 
@@ -89,7 +89,7 @@ class HFVisionLanguageModel(DistillableModel):
         check_language_model(hf, tokenizer, where)
         hf.config.use_cache = False
         if cfg.get("gradient_checkpointing"):
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(hf)
 
         tpi = cfg.get("tokens_per_image")
         if tpi is None:

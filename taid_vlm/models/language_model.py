@@ -43,9 +43,22 @@ def build_language_model(cfg: Any, tokenizer, dtype: torch.dtype, where: str = "
         llm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
     check_language_model(llm, tokenizer, where)
     if cfg.get("gradient_checkpointing"):
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(llm)
     llm.config.use_cache = False
     return llm
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing; transformers >= 5.2x renamed the switch, the GPU image (5.17) has the old one."""
+    kwargs = {"use_reentrant": False}  # reentrant checkpointing drops gradients when the inputs need none
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def check_language_model(llm, tokenizer, where: str) -> None:
