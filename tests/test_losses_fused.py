@@ -116,7 +116,28 @@ def test_ce_fused_needs_no_teacher():
 
 
 def test_default_chunk_size_bounds():
-    assert default_chunk_size(4096, 151_936) == 16
+    assert default_chunk_size(4096, 151_936) == 216
     assert default_chunk_size(10, 151_936) == 10
-    assert default_chunk_size(100_000, 512) == 8192
+    assert default_chunk_size(100_000, 512) == 65536
+    assert default_chunk_size(100_000, 10**9) == 8
     assert default_chunk_size(3, 10**9) == 3
+
+
+@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in LOSS_NAMES if n not in ("rkl", "akl")]
+                         + [("taid", {"t_start": 0.0}), ("taid", {"t_start": 1.0}), ("taid_linear", {"t_start": 0.7})])
+def test_fused_with_banned_teacher_entries(name, kwargs):
+    """Precomputed teacher logits with -inf entries (rkl/akl are infinite there by definition)."""
+    hs, ws, ht, wt, mask, labels = inputs(seed=17)
+    t_logits = ht @ wt.T
+    banned = torch.rand(t_logits.shape, generator=torch.Generator().manual_seed(1)) < 0.2
+    banned[torch.arange(N), labels] = False
+    t_logits = t_logits.masked_fill(banned, float("-inf"))
+    loss = build_loss(name, **kwargs, **({"ce_weight": 0.5} if name != "ce" else {})).double()
+    plain = loss(hs @ ws.T, t_logits, mask, labels)
+    g_plain = grads_of(plain, [hs, ws])
+    fused = loss.fused(hs, ws, mask=mask, labels=labels, teacher_logits=t_logits, chunk_size=6)
+    g_fused = grads_of(fused, [hs, ws])
+    assert torch.isfinite(fused)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

@@ -19,13 +19,16 @@ import torch
 
 from .base import DistillationLoss, check_mask_and_labels
 
-TARGET_CHUNK_ELEMENTS = 1 << 22  # ~16 MB per float32 [C, V] buffer; C = 27 at V = 152k
+TARGET_CHUNK_ELEMENTS = 1 << 25  # 128 MB per float32 [C, V] buffer: C = 216 at V = 152k
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """A power of two with C * V ~ TARGET_CHUNK_ELEMENTS, at least 8 rows and at most num_tokens."""
-    rows = max(TARGET_CHUNK_ELEMENTS // max(vocab_size, 1), 8)
-    rows = 1 << (rows.bit_length() - 1)
+    """C with C * V ~ TARGET_CHUNK_ELEMENTS, a multiple of 8 (at least 8), at most num_tokens.
+
+    Each chunk reads the [V, H] weights and read-writes the [V, H] weight gradient once, so small
+    chunks are bound by memory traffic; benchmarks/loss_bench.py has the measured trade-off.
+    """
+    rows = max(TARGET_CHUNK_ELEMENTS // max(vocab_size, 1) // 8 * 8, 8)
     return max(1, min(rows, num_tokens))
 
 
@@ -42,49 +45,66 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32), device=h_s.device)
         trainable = [p for p, need in zip(params, need_params) if need]
 
+        closed_form = getattr(loss_fn, "closed_form", None) if not params else None
+        compute_dtype = torch.promote_types(h_s.dtype, torch.float32)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_chunk = h_s[start:end]
+            y = labels[start:end] if labels is not None else None
             if t_logits is not None:
-                teacher_chunk = t_logits[start:end]
+                teacher_chunk = t_logits[start:end].to(compute_dtype, copy=True)
             elif h_t is not None:
-                teacher_chunk = h_t[start:end] @ w_t.T
+                teacher_chunk = _fresh(h_t[start:end] @ w_t.T, compute_dtype)
             else:
                 teacher_chunk = None
-            with torch.enable_grad():
-                s_logits = (h_chunk @ w_s.T).detach().requires_grad_(True)
-                y = labels[start:end] if labels is not None else None
-                chunk_loss = loss_fn.per_token(s_logits, teacher_chunk, y).sum() / n
-                grads = torch.autograd.grad(chunk_loss, [s_logits, *trainable], allow_unused=True)
+            s_logits = _fresh(h_chunk @ w_s.T, compute_dtype)
+            if closed_form is not None:
+                values, d_logits = closed_form(s_logits, teacher_chunk, y)  # overwrites both buffers
+                chunk_loss = values.sum() / n
+                d_logits = d_logits.div_(n)
+            else:
+                with torch.enable_grad():
+                    s_logits.requires_grad_(True)
+                    chunk_loss = loss_fn.per_token(s_logits, teacher_chunk, y).sum() / n
+                    grads = torch.autograd.grad(chunk_loss, [s_logits, *trainable], allow_unused=True)
+                d_logits = grads[0]
+                k = 1
+                for i, need in enumerate(need_params):
+                    if need:
+                        if grads[k] is not None:
+                            grad_params[i] += grads[k]
+                        k += 1
+                del grads
             total += chunk_loss.detach()
-            d_logits = grads[0].to(w_s.dtype)
+            del s_logits, teacher_chunk
+            d_logits = d_logits.to(w_s.dtype)
             if need_h:
-                grad_h[start:end] = d_logits @ w_s
+                torch.mm(d_logits, w_s, out=grad_h[start:end])
             if need_w:
                 grad_w.addmm_(d_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
-            k = 1
-            for i, need in enumerate(need_params):
-                if need:
-                    if grads[k] is not None:
-                        grad_params[i] += grads[k]
-                    k += 1
-            del s_logits, teacher_chunk, grads, d_logits, chunk_loss
+            del d_logits, chunk_loss
 
-        ctx.save_for_backward(
-            grad_h if need_h else None, grad_w.to(w_s.dtype) if need_w else None, *grad_params
-        )
+        # Kept as plain attributes (not save_for_backward) and handed over in backward, so that
+        # autograd can adopt the [V, H] weight gradient as W.grad instead of cloning it.
+        ctx.grads = [grad_h, grad_w.to(w_s.dtype) if need_w else None, *grad_params]
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_h, grad_w, *grad_params = ctx.saved_tensors
-        scale = grad_out
-        return (
-            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
-            grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
-            None, None, None, None, None, None, None,
-            *[g * scale.to(g.dtype) for g in grad_params],
-        )
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("chunked lm_head loss: backward called twice (its gradients are handed over once)")
+        unit = bool(grad_out == 1)  # the usual case: no [V, H] multiply, no copy
+        scaled = [g if g is None or unit else g * grad_out.to(g.dtype) for g in grads]
+        del grads
+        grad_h, grad_w, *grad_params = scaled
+        return (grad_h, grad_w, None, None, None, None, None, None, None, *grad_params)
+
+
+def _fresh(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, as a buffer the closed forms may overwrite (matmul outputs already are)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def chunked_lm_head_loss(

@@ -7,6 +7,7 @@ import torch
 
 from . import divergences as D
 from .base import DistillationLoss, label_cross_entropy
+from .closed_form import forward_kl_and_grad, reverse_kl_and_grad
 from .params import check_range
 
 
@@ -23,6 +24,10 @@ class ForwardKL(DistillationLoss):
         logq, logp = _log_probs(student_logits, teacher_logits)
         return D.kl(logp, logq)
 
+    def closed_form(self, student_logits, teacher_logits, labels):
+        """(values, d/d student_logits) for the chunked path; overwrites both buffers."""
+        return forward_kl_and_grad(student_logits, teacher_logits, labels, self.ce_weight)
+
 
 class ReverseKL(DistillationLoss):
     """KL(q_S || p_T): mode seeking."""
@@ -32,6 +37,10 @@ class ReverseKL(DistillationLoss):
     def divergence(self, student_logits, teacher_logits, labels):
         logq, logp = _log_probs(student_logits, teacher_logits)
         return D.kl(logq, logp)
+
+    def closed_form(self, student_logits, teacher_logits, labels):
+        """(values, d/d student_logits) for the chunked path; overwrites both buffers."""
+        return reverse_kl_and_grad(student_logits, teacher_logits, labels, self.ce_weight)
 
 
 class TotalVariation(DistillationLoss):
