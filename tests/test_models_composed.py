@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from taid_vlm.models import build_model
-from taid_vlm.models.language_model import decoder_hidden_states
 
 from models_helpers import interleaved_batch, load_cfg, one_torch_thread, with_changes  # noqa: F401
 

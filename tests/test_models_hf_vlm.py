@@ -112,3 +112,15 @@ def test_llava_image_token_must_match_the_tokenizer():
     cfg["config"]["image_token_index"] = 7
     with pytest.raises(ValueError, match=r"image_token_id 7 is not the tokenizer's id 3 for '<image>'"):
         build_model(cfg)
+
+
+def test_llava_text_only_batch_can_still_run_vision_for_zero3():
+    model = build_model(llava_cfg())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = model(ids, torch.ones_like(ids))
+    model.run_vision_without_images = True
+    with_dummy = model(ids, torch.ones_like(ids))
+    assert torch.equal(plain, with_dummy)
+    with_dummy.sum().backward()
+    proj = model.hf.base_model.multi_modal_projector.linear_1.weight
+    assert proj.grad is not None and torch.count_nonzero(proj.grad) == 0

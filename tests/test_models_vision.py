@@ -219,3 +219,13 @@ def test_registering_a_projector_is_one_function():
             register_projector("test_mean_pool")(_mean_pool)
     finally:
         projectors._REGISTRY.pop("test_mean_pool")
+
+
+def test_image_transforms_survive_pickling_for_dataloader_workers():
+    import pickle
+
+    img = Image.new("RGB", (40, 30), (90, 20, 200))
+    for cfg in ({"type": "open_clip", "config": dict(OC_CFG)}, {"type": "hf", "config": dict(HF_CLIP)}):
+        transform = build_vision(cfg, torch.float32).image_transform
+        clone = pickle.loads(pickle.dumps(transform))
+        assert torch.equal(clone(img), transform(img))

@@ -104,3 +104,9 @@ def check_image_count(input_ids: torch.Tensor, image_token_id: int, tokens_per_i
             f"image placeholders and images do not match: {n_placeholders} placeholder tokens (id {image_token_id}) "
             f"in input_ids, but {num_images} images x {tokens_per_image} tokens per image = {expected}")
     return mask
+
+
+def distributed_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

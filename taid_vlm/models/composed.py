@@ -15,14 +15,8 @@ from torch import nn
 
 from taid_vlm.spec import InputSpec
 
-from .base import DistillableModel, check_image_count
+from .base import DistillableModel, check_image_count, distributed_world
 from .language_model import decoder_hidden_states
-
-
-def _distributed_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class ComposedVLM(DistillableModel):
@@ -57,7 +51,7 @@ class ComposedVLM(DistillableModel):
         if n_images:
             feats = self.image_embeddings(pixel_values).to(embeds.dtype)
             embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), feats.reshape(-1, embeds.shape[-1]))
-        elif self.run_vision_without_images or (self.run_vision_without_images is None and _distributed_world() > 1):
+        elif self.run_vision_without_images or (self.run_vision_without_images is None and distributed_world() > 1):
             blank = torch.zeros(1, 3, *self.vision.image_size, device=embeds.device)
             embeds = embeds + 0.0 * self.image_embeddings(blank).sum().to(embeds.dtype)
         return embeds

@@ -7,7 +7,6 @@ penultimate layer, before the final norm); CLIP's CLS token is dropped by defaul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 

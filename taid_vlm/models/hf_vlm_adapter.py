@@ -7,14 +7,14 @@ processor, its image token and how many tokens an image expands to) and the fina
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
 
 from taid_vlm.spec import InputSpec
 
-from .base import DistillableModel, check_image_count
+from .base import DistillableModel, check_image_count, distributed_world
 from .config_checks import check_keys
 from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
 from .language_model import check_language_model, enable_checkpointing
@@ -46,6 +46,7 @@ class HFVisionLanguageModel(DistillableModel):
         self.processor = processor
         self.image_token_id = int(hf_model.config.image_token_id)
         self.tokens_per_image = tokens_per_image
+        self.run_vision_without_images: Optional[bool] = None  # see ComposedVLM: ZeRO-3 needs the same modules
 
     @classmethod
     def from_config(cls, cfg: dict, dtype: torch.dtype, where: str = "model") -> "HFVisionLanguageModel":
@@ -110,8 +111,14 @@ class HFVisionLanguageModel(DistillableModel):
         else:
             pixel_values = None
         out = self.hf.base_model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+        if pixel_values is None and (self.run_vision_without_images or
+                                     (self.run_vision_without_images is None and distributed_world() > 1)):
+            size = self.hf.config.vision_config.image_size
+            blank = torch.zeros(1, 3, size, size, device=out.device, dtype=self.hf.dtype)
+            feats = self.hf.base_model.get_image_features(pixel_values=blank).pooler_output
+            out = out + 0.0 * sum(f.sum() for f in feats).to(out.dtype)
+        return out
 
     def output_embeddings(self) -> nn.Module:
         return self.hf.get_output_embeddings()
