@@ -12,17 +12,17 @@ def test_three_steps_by_hand():
     loss = build_loss("taid", t_start=0.4, t_end=1.0, alpha=0.1, beta=0.5)
     assert loss.t == 0.4
     loss.update(2.0, step=1, total_steps=100)  # first update only records J
-    assert loss.t == 0.4 and loss.state_dict() == {"t": 0.4, "momentum": 0.0, "prev_loss": 2.0}
+    assert loss.t == 0.4 and loss.state_dict()["_extra_state"] == {"t": 0.4, "momentum": 0.0, "prev_loss": 2.0}
     # delta = (2 - 1) / 2 = 0.5; m = 0.5 * 0 + 0.5 * 0.5 = 0.25; sigmoid(0.25) = 0.5621765009
     # t = 0.4 + 0.1 * 0.5621765009 * 0.6 = 0.4337305901  (> linear floor 0.412)
     loss.update(1.0, step=2, total_steps=100)
     assert loss.t == pytest.approx(0.4337305901, abs=1e-10)
-    assert loss.state_dict()["momentum"] == pytest.approx(0.25, abs=1e-12)
+    assert loss.state_dict()["_extra_state"]["momentum"] == pytest.approx(0.25, abs=1e-12)
     # delta = (1 - 0.5) / 1 = 0.5; m = 0.5 * 0.25 + 0.5 * 0.5 = 0.375; sigmoid(0.375) = 0.5926665999
     # t = 0.4337305901 + 0.1 * 0.5926665999 * 0.5662694099 = 0.4672914866
     loss.update(0.5, step=3, total_steps=100)
     assert loss.t == pytest.approx(0.4672914866, abs=1e-10)
-    assert loss.state_dict()["prev_loss"] == 0.5
+    assert loss.state_dict()["_extra_state"]["prev_loss"] == 0.5
 
 
 def test_linear_floor_takes_over_when_loss_rises():
@@ -94,12 +94,26 @@ def test_ctkd_state_round_trip_includes_temperature():
     assert b.temperature_logit.item() == pytest.approx(-0.3) and b.grl_lambda == a.grl_lambda
 
 
+def test_schedule_state_travels_inside_a_parent_module():
+    import torch
+
+    parent = torch.nn.Module()
+    parent.loss = build_loss("ctkd")
+    parent.loss.update(1.0, 5, 10)
+    sd = parent.state_dict()
+    assert set(sd) == {"loss.temperature_logit", "loss._extra_state"}
+    other = torch.nn.Module()
+    other.loss = build_loss("ctkd")
+    other.load_state_dict(sd)
+    assert other.loss.grl_lambda == parent.loss.grl_lambda
+
+
 def test_bad_state_and_steps_are_errors():
     loss = build_loss("taid")
     with pytest.raises(KeyError, match="momentum"):
-        loss.load_state_dict({"t": 0.5, "prev_loss": None})
+        loss.load_state_dict({"_extra_state": {"t": 0.5, "prev_loss": None}})
     with pytest.raises(KeyError, match="unexpected schedule state"):
-        build_loss("fkl").load_state_dict({"t": 0.5})
+        build_loss("fkl").load_state_dict({"_extra_state": {"t": 0.5}})
     with pytest.raises(ValueError, match="total_steps must be > 0"):
         loss.update(1.0, 1, 0)
     assert build_loss("fkl").t is None

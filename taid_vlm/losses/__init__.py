@@ -5,7 +5,7 @@
     value = loss_fn(student_logits, teacher_logits, mask, labels=None)   # [N,V], [N,V], [N] -> scalar
     loss_fn.t                                      # TAID's interpolation coefficient (None for others)
     loss_fn.update(step_loss, step, total_steps)   # once per optimizer step, with the globally averaged loss
-    loss_fn.state_dict(); loss_fn.load_state_dict(sd)
+    loss_fn.state_dict(); loss_fn.load_state_dict(sd)  # parameters + "_extra_state": {t, momentum, prev_loss}
     value = loss_fn.fused(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
                           labels=None, chunk_size=None)   # same value & gradients, chunked over tokens
 

@@ -105,20 +105,13 @@ class DistillationLoss(nn.Module):
         if state:
             raise KeyError(f"{self.name}: unexpected schedule state keys {sorted(state)}")
 
-    def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # type: ignore[override]
-        """Plain dict: learnable parameters (tensors) and schedule state (floats)."""
-        state: dict[str, Any] = {k: v.detach().clone() for k, v in self.named_parameters()}
-        state.update(self.schedule_state())
-        return state
+    # Schedule state rides in nn.Module's extra state, so it is saved with the loss's parameters both
+    # when the loss is used alone (loss.state_dict()) and when it is a submodule of the trained model.
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.schedule_state()
 
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
-        state = dict(state_dict)
-        with torch.no_grad():
-            for k, p in self.named_parameters():
-                if k not in state:
-                    raise KeyError(f"{self.name}: state_dict lacks parameter '{k}'")
-                p.copy_(state.pop(k))
-        self.load_schedule_state(state)
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.load_schedule_state(dict(state))
 
     def extra_repr(self) -> str:
         return f"ce_weight={self.ce_weight}" if self.ce_weight else ""
