@@ -7,6 +7,7 @@ grid; positions are named (top left, center, bottom right ...). Records alternat
 - captions: ``jpg`` + ``txt`` ("a red circle at the top left and a blue square at the center."),
 - LLaVA conversations: ``json`` with Q/A turns about color, shape, count and position,
 - two-image conversations (``0.jpg``, ``1.jpg``): which image has more shapes / total count.
+``--text-only`` tells the same scenes in words (``json`` with ``messages``) for the LLM path.
 Writes ``DIR/train/shard-*.tar`` and ``DIR/val/shard-*.tar`` and ``DIR/manifest.json``. The same seed
 gives the same samples, byte for byte (fixed tar mtime, one RNG).
 """
@@ -115,13 +116,26 @@ def make_record(i: int, rng: random.Random, size: int):
     return key, imgs, {"json": {"conversations": conv}}
 
 
+def make_text_record(i: int, rng: random.Random):
+    """The same scenes told in words (the LLM path): the scene description, then Q/A about it."""
+    scene = random_scene(rng)
+    messages = []
+    for t, (q, a) in enumerate(qa_turns(scene, rng)):
+        prompt = f"Scene: {caption(scene)}\n{q}" if t == 0 else q
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
+    return f"shapes{i:07d}", [], {"json": {"messages": messages}}
+
+
 def synth(out: Path, n: int, seed: int = 0, size: int = 64, val_fraction: float = 0.1,
-          maxcount: int = 1000) -> Dict[str, Any]:
+          maxcount: int = 1000, text_only: bool = False) -> Dict[str, Any]:
     rng = random.Random(seed)
-    records = [make_record(i, rng, size) for i in range(n)]
+    if text_only:
+        records = [make_text_record(i, rng) for i in range(n)]
+    else:
+        records = [make_record(i, rng, size) for i in range(n)]
     split = random.Random(f"split:{seed}")
     is_val = [split.random() < val_fraction for _ in range(n)]
-    report = {"seed": seed, "n": n, "size": size}
+    report = {"seed": seed, "n": n, "size": size, "text_only": text_only}
     for name, want in (("train", False), ("val", True)):
         part = [r for r, v in zip(records, is_val) if v == want]
         report[name] = write_shards(iter(part), out / name, "shard", maxcount=maxcount)
@@ -138,8 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    ap.add_argument("--text-only", action="store_true", help="scenes described in words, no images (LLM path)")
     a = ap.parse_args(argv)
-    rep = synth(a.out, a.n, a.seed, a.size, a.val_fraction, a.maxcount)
+    rep = synth(a.out, a.n, a.seed, a.size, a.val_fraction, a.maxcount, text_only=a.text_only)
     print(f"train: {rep['train']['written']} samples in {len(rep['train']['shards'])} shards; "
           f"val: {rep['val']['written']} samples in {len(rep['val']['shards'])} shards -> {a.out}")
     return 0

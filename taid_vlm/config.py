@@ -1,0 +1,342 @@
+"""One YAML file describes a run. Loaded into typed dataclasses; every problem names its key.
+
+    cfg = load_config("configs/tiny_vlm.yaml", overrides=["optim.lr=3e-4", "loss.name=fkl"])
+
+Unknown keys, wrong types and bad values raise ConfigError before anything heavy starts. Model
+sections (`teacher.model`, `student.model`) may be inline dicts or paths to YAML files; relative paths
+anywhere in the config resolve against the config file's folder, so configs run from any directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message starts with the dotted key."""
+
+
+@dataclass
+class TeacherConfig:
+    model: Optional[Union[dict, str]] = None   # model config (taid_vlm.models), or a path to its YAML
+    placement: str = "replicated"         # replicated: a frozen copy per device | zero3: sharded over ranks
+    dtype: Optional[str] = None           # override the model's dtype (default: bf16 on GPU with bf16 precision)
+
+
+@dataclass
+class StudentConfig:
+    model: Optional[Union[dict, str]] = None
+
+
+@dataclass
+class SyntheticData:
+    kind: str = "shapes"                  # shapes | shapes_text
+    n: int = 512
+    seed: int = 0
+    size: int = 64
+    val_fraction: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    train: Optional[Union[str, list]] = None
+    val: Optional[Union[str, list]] = None
+    synthetic: Optional[SyntheticData] = None   # generate into `synthetic_dir` when the shards are missing
+    synthetic_dir: Optional[str] = None
+    text_only: bool = False
+    pack: bool = False
+    max_length: int = 512
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    caption_instruction: Optional[str] = None
+
+
+@dataclass
+class LossConfig:
+    name: str = "taid"
+    params: dict = field(default_factory=dict)
+    ce_weight: float = 0.0
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: str = "cosine"              # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    config_file: Optional[str] = None     # a DeepSpeed JSON; our settings fill in what it leaves out
+    extra: dict = field(default_factory=dict)   # merged into the generated DeepSpeed config
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    precision: str = "fp32"               # fp32 | bf16
+    log_every: int = 1
+    eval_every: int = 0                   # 0: only at the end
+    eval_batches: int = 0                 # 0: the whole val set
+    eval_at_start: bool = False           # also evaluate the initial student (step 0)
+    save_every: int = 0                   # 0: only at the end
+    keep_last: int = 2
+    max_nonfinite_steps: int = 5
+    resume: Union[bool, str] = False      # false | true | auto
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    config_dir: str = "."                 # set by load_config: where relative paths resolve
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolve_path(self, path: Optional[str]) -> Optional[str]:
+        if path is None:
+            return None
+        p = Path(str(path)).expanduser()
+        return str(p if p.is_absolute() else (Path(self.config_dir) / p).resolve())
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[list] = None, data: Optional[dict] = None) -> RunConfig:
+    """Read YAML (or take `data`), apply `key.sub=value` overrides, type-check and validate."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        config_dir = str(path.resolve().parent)
+    else:
+        raw = copy.deepcopy(data or {})
+        config_dir = str(Path.cwd())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        apply_override(raw, item)
+    raw.setdefault("config_dir", config_dir)
+    cfg = from_dict(RunConfig, raw, "")
+    _inline_model_files(cfg)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value`; value parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set '{key}'")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def from_dict(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{key}: unknown key (known here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of the allowed types")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _inline_model_files(cfg: RunConfig) -> None:
+    """`teacher.model: path/to/model.yaml` -> its contents (resolved against the config folder)."""
+    for role in ("teacher", "student"):
+        section = getattr(cfg, role)
+        model = section.model
+        if isinstance(model, str):
+            path = Path(cfg.resolve_path(model))
+            if not path.is_file():
+                raise ConfigError(f"{role}.model: file not found: {path}")
+            section.model = yaml.safe_load(path.read_text())
+            _resolve_model_paths(section.model, path.parent)
+        elif isinstance(model, dict):
+            _resolve_model_paths(model, Path(cfg.config_dir))
+
+
+def _resolve_model_paths(model: dict, base: Path) -> None:
+    """Local `path:` entries inside a model config resolve against the file that names them."""
+    def visit(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("path", "pretrained") and isinstance(v, str) and not Path(v).is_absolute():
+                    candidate = (base / v).resolve()
+                    if candidate.exists():
+                        node[k] = str(candidate)
+                else:
+                    visit(v)
+
+    visit(model)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+def _choice(where: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _positive(where: str, value, allow_zero=False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    from taid_vlm.losses import LOSS_NAMES, build_loss
+
+    if cfg.student.model is None:
+        raise ConfigError("student.model: required (a model config or a path to one)")
+    if not isinstance(cfg.student.model, dict):
+        raise ConfigError("student.model: expected a mapping or a path to a YAML file")
+    _choice("loss.name", cfg.loss.name, LOSS_NAMES)
+    needs_teacher = cfg.loss.name != "ce"
+    if needs_teacher and cfg.teacher.model is None:
+        raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}'")
+    _choice("teacher.placement", cfg.teacher.placement, ("replicated", "zero3"))
+    if cfg.teacher.dtype is not None:
+        _choice("teacher.dtype", cfg.teacher.dtype, ("float32", "bfloat16", "float16"))
+    try:
+        build_loss(cfg.loss.name, **cfg.loss.params, **({"ce_weight": cfg.loss.ce_weight} if cfg.loss.ce_weight else {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss.params: {e}") from None
+    if cfg.loss.chunk_size is not None:
+        _positive("loss.chunk_size", cfg.loss.chunk_size)
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {o.betas!r}")
+    _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    t = cfg.train
+    _positive("train.total_steps", t.total_steps)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.grad_accum", t.grad_accum)
+    _choice("train.precision", t.precision, ("fp32", "bf16"))
+    _positive("train.log_every", t.log_every)
+    for key in ("eval_every", "eval_batches", "save_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive("train.keep_last", t.keep_last)
+    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    if t.resume not in (True, False, "auto"):
+        raise ConfigError(f"train.resume: must be true, false or auto, got {t.resume!r}")
+    _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    if cfg.deepspeed.config_file is not None and not Path(cfg.resolve_path(cfg.deepspeed.config_file)).is_file():
+        raise ConfigError(f"deepspeed.config_file: file not found: {cfg.resolve_path(cfg.deepspeed.config_file)}")
+    d = cfg.data
+    if d.train is None:
+        raise ConfigError("data.train: required (shard pattern, folder, glob or list)")
+    if d.synthetic is not None:
+        _choice("data.synthetic.kind", d.synthetic.kind, ("shapes", "shapes_text"))
+        _positive("data.synthetic.n", d.synthetic.n)
+        if d.synthetic_dir is None:
+            raise ConfigError("data.synthetic_dir: required with data.synthetic (where to generate the shards)")
+    _positive("data.max_length", d.max_length)
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    if d.pack and not d.text_only:
+        raise ConfigError("data.pack: packing needs data.text_only: true")

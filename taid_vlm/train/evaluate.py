@@ -1,0 +1,98 @@
+"""Held-out metrics of the student against the teacher, on supervised text tokens, summed over ranks.
+
+eval_kl: KL(p_T || q_S) per token; eval_top1_agreement: argmax agreement; eval_student_ce /
+eval_teacher_ce: cross-entropy of the target token; eval_student_acc / eval_teacher_acc: argmax ==
+target (the answer-token accuracy on Q/A data). Logits are computed chunk by chunk, never all at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional
+
+import torch
+
+from .launch_env import all_reduce_sum
+from .objective import hidden_at
+
+METRICS = ("kl", "top1_agreement", "student_ce", "teacher_ce", "student_acc", "teacher_acc")
+
+
+@torch.no_grad()
+def metric_sums(h_s, w_s, h_t, w_t, targets, chunk: int = 256) -> dict[str, float]:
+    sums = dict.fromkeys(METRICS, 0.0)
+    for start in range(0, h_s.shape[0], chunk):
+        y = targets[start : start + chunk]
+        logq = torch.log_softmax((h_s[start : start + chunk] @ w_s.T).float(), -1)
+        sums["student_ce"] += float(-logq.gather(-1, y[:, None]).sum())
+        sums["student_acc"] += float((logq.argmax(-1) == y).sum())
+        if h_t is not None:
+            logp = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float(), -1)
+            p = logp.exp()
+            sums["kl"] += float(torch.where(p > 0, p * (logp - logq), 0.0).sum())
+            sums["top1_agreement"] += float((logp.argmax(-1) == logq.argmax(-1)).sum())
+            sums["teacher_ce"] += float(-logp.gather(-1, y[:, None]).sum())
+            sums["teacher_acc"] += float((logp.argmax(-1) == y).sum())
+    return sums
+
+
+def _student_weight(objective):
+    weight = objective.student.output_weight()
+    if hasattr(weight, "ds_id"):  # ZeRO-3: gather the partitioned lm_head for the duration
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([weight], modifier_rank=None), weight
+    return contextlib.nullcontext(), weight
+
+
+def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
+             to_device=None) -> dict[str, float]:
+    """Every rank calls this. Ranks that run out of batches keep stepping with a zero-weight batch so that
+    ZeRO-3's collective parameter gathers stay matched."""
+    was_training = objective.training
+    objective.eval()
+    totals = dict.fromkeys(METRICS, 0.0)
+    count = 0.0
+    iterator = iter(batches)
+    last: Optional[dict] = None
+    seen = 0
+    try:
+        while True:
+            batch = None
+            if not max_batches or seen < max_batches:
+                batch = next(iterator, None)
+            active = all_reduce_sum([1.0 if batch is not None else 0.0], device)[0]
+            if active == 0:
+                break
+            real = batch is not None
+            if not real:
+                if last is None:
+                    raise RuntimeError("evaluation: this rank got no validation batch at all; use more val shards")
+                batch = last
+            last = batch
+            seen += 1
+            if to_device is not None:
+                batch = to_device(batch)
+            s_in = batch["student"]
+            with torch.no_grad():
+                h_s = hidden_at(objective.student, s_in)
+                h_t = teacher.hidden(batch["teacher"]) if teacher is not None else None
+                ctx, w_s = _student_weight(objective)
+                t_ctx = teacher.output_weight() if teacher is not None else contextlib.nullcontext(None)
+                with ctx, t_ctx as w_t:
+                    sums = metric_sums(h_s, w_s[:vocab_size], h_t, w_t[:vocab_size] if w_t is not None else None,
+                                       s_in["loss_targets"])
+            if real:
+                for k in METRICS:
+                    totals[k] += sums[k]
+                count += float(s_in["loss_targets"].numel())
+    finally:
+        objective.train(was_training)
+    reduced = all_reduce_sum([totals[k] for k in METRICS] + [count], device)
+    n = max(reduced[-1], 1.0)
+    out = {f"eval_{k}": v / n for k, v in zip(METRICS, reduced[:-1])}
+    if teacher is None:
+        for k in ("kl", "top1_agreement", "teacher_ce", "teacher_acc"):
+            out.pop(f"eval_{k}")
+    out["eval_tokens"] = int(reduced[-1])
+    return out

@@ -1,0 +1,43 @@
+"""The frozen teacher beside the student: a replicated copy per device, or ZeRO-3 sharded over ranks."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from .objective import hidden_at
+
+
+class Teacher:
+    """`hidden(inputs)` -> [K, H_t] at the supervised positions; `output_weight()` context -> [V, H_t]."""
+
+    def __init__(self, model, placement: str, device: torch.device, dtype: torch.dtype, ds_config: Optional[dict] = None):
+        self.placement = placement
+        model = model.to(dtype=dtype)
+        if placement == "zero3":
+            import deepspeed
+
+            engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            self.engine = engine
+            self.model = engine.module
+        else:
+            self.engine = None
+            self.model = model.to(device)
+        self.model.eval()
+
+    @torch.no_grad()
+    def hidden(self, inputs: dict) -> torch.Tensor:
+        return hidden_at(self.model, inputs)
+
+    @contextlib.contextmanager
+    def output_weight(self) -> Iterator[torch.Tensor]:
+        weight = self.model.output_weight()
+        if self.placement == "zero3":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+                yield weight
+        else:
+            yield weight

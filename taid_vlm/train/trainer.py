@@ -1,0 +1,261 @@
+"""The distillation run: teacher forward (no grad) -> student forward -> chunked loss -> DeepSpeed step.
+
+One optimizer step = grad_accum micro-batches per rank. The TAID schedule is updated once per
+optimizer step from the loss averaged over the micro-batches and the ranks, so every rank holds the
+same t. Read top to bottom: setup, resume, loop, end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from taid_vlm.config import ConfigError, RunConfig
+from taid_vlm.losses import build_loss
+
+from . import checkpoint as ckpt
+from .ds_config import student_ds_config, teacher_zero3_config
+from .evaluate import evaluate
+from .launch_env import all_reduce_sum, init_distributed
+from .lr_schedule import build_lr_scheduler
+from .metrics_log import MetricsLog
+from .objective import DistillationObjective
+from .synthetic import ensure_synthetic_data
+from .teacher import Teacher
+
+log = logging.getLogger("taid_vlm.train")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = to_device(v, device)
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        else:
+            out[k] = v
+    return out
+
+
+def build_models(cfg: RunConfig):
+    from taid_vlm.models import build_model, check_vocab_compatible
+
+    student = build_model(cfg.student.model, role="student", where="student.model")
+    teacher = None
+    if cfg.loss.name != "ce":
+        teacher = build_model(cfg.teacher.model, role="teacher", where="teacher.model")
+        check_vocab_compatible(teacher, student)
+    return teacher, student
+
+
+def build_loaders(cfg: RunConfig, student, teacher, rank: int, world: int):
+    from taid_vlm.data import build_loader
+    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
+
+    common = dict(
+        batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length, num_workers=cfg.data.num_workers,
+        seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
+        caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    t_spec = teacher.input_spec if teacher is not None else None
+    train = build_loader(_shards(cfg, cfg.data.train), student.input_spec, t_spec, mode="train", **common)
+    val = None
+    if cfg.data.val is not None:
+        val_common = {**common, "pack": False}
+        val = lambda: build_loader(_shards(cfg, cfg.data.val), student.input_spec, t_spec, mode="eval", **val_common)  # noqa: E731
+    return train, val
+
+
+def _shards(cfg: RunConfig, spec):
+    if isinstance(spec, list):
+        return [cfg.resolve_path(s) for s in spec]
+    if isinstance(spec, str) and "," in spec and "{" not in spec:
+        return [cfg.resolve_path(s.strip()) for s in spec.split(",")]
+    return cfg.resolve_path(spec)
+
+
+def _trainable_params(module: torch.nn.Module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) a distillation; every rank calls this. Returns the last logged metrics."""
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out_dir = Path(cfg.resolve_path(cfg.output_dir))
+    ckpt_root = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.manual_seed(cfg.seed)  # same initialisation on every rank
+    ensure_synthetic_data(cfg, rank)
+
+    # ---- models, loss, engines -----------------------------------------------------------------
+    teacher_model, student_model = build_models(cfg)
+    bf16 = cfg.train.precision == "bf16"
+    vocab_size = len(student_model.tokenizer)
+    loss_kwargs = dict(cfg.loss.params)
+    if cfg.loss.ce_weight:
+        loss_kwargs["ce_weight"] = cfg.loss.ce_weight
+    loss_fn = build_loss(cfg.loss.name, **loss_kwargs)
+    objective = DistillationObjective(student_model, loss_fn, vocab_size, cfg.loss.chunk_size)
+    objective.train()
+    params = _trainable_params(objective)
+    if not params:
+        raise ConfigError("student.model.freeze: every student parameter is frozen; nothing to train")
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, cfg.train.total_steps, cfg.optim)
+
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=student_ds_config(cfg, world))
+    teacher = None
+    if teacher_model is not None:
+        t_dtype = DTYPES[cfg.teacher.dtype] if cfg.teacher.dtype else (torch.bfloat16 if bf16 else torch.float32)
+        ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
+        teacher = Teacher(teacher_model, cfg.teacher.placement, device, t_dtype, ds_t)
+    train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    step = 0
+    resume = cfg.train.resume
+    found = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    if resume is True and found is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
+    if found is not None:
+        _, client = engine.load_checkpoint(str(ckpt_root), tag=found.name)
+        step = int(client["step"])
+        loss_fn.load_schedule_state(client["schedule"])
+        rank_state = ckpt.load_rank_state(found, rank)
+        train_loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d", found, step)
+
+    metrics = MetricsLog(out_dir, rank == 0, cfg.train.total_steps, step, cfg.train.progress_bar, cfg.train.tensorboard)
+    if found is not None:
+        metrics.write({"event": "resume", "step": step, "checkpoint": str(found)})
+
+    def save(at_step: int) -> None:
+        client = {"step": at_step, "schedule": loss_fn.schedule_state(), "config": cfg.to_dict(),
+                  "model_type": student_model.kind}
+        rank_state = {"loader": train_loader.state_dict(), "rng": ckpt.rng_state()}
+        path = ckpt.save_checkpoint(engine, ckpt_root, at_step, client, rank_state, rank, cfg.train.keep_last)
+        if rank == 0:
+            log.info("checkpoint %s", path)
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        if make_val_loader is None:
+            return {}
+        result = evaluate(objective if not hasattr(engine, "module") else engine.module, teacher, make_val_loader(),
+                          device, vocab_size, cfg.train.eval_batches, to_device=lambda b: to_device(b, device))
+        metrics.write({"step": at_step, **result})
+        if rank == 0:
+            log.info("eval step %d: %s", at_step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    # ---- loop ------------------------------------------------------------------------------------
+    total = cfg.train.total_steps
+    train_iter = iter(train_loader)
+    nonfinite_in_a_row = 0
+    last: dict[str, Any] = {}
+    tokens_window, time_window = 0.0, time.perf_counter()
+    # DeepSpeed reports the gradient norm under ZeRO and mixed precision; plain fp32 ZeRO-0 we measure
+    # ourselves, before the engine clips and zeroes the gradients.
+    manual_grad_norm = cfg.deepspeed.zero_stage == 0 and not bf16
+    if cfg.train.eval_at_start and step == 0:
+        last.update(run_eval(0))
+    while step < total:
+        step_grad_norm = None
+        micro_losses, skipped = [], 0
+        step_tokens, step_supervised = 0.0, 0.0
+        for micro in range(cfg.train.grad_accum):
+            batch = to_device(next(train_iter), device)
+            s_in = batch["student"]
+            h_t = teacher.hidden(batch["teacher"]) if teacher is not None else None
+            if teacher is not None:
+                with teacher.output_weight() as w_t:
+                    loss = engine(s_in, h_t, w_t)
+            else:
+                loss = engine(s_in)
+            value = float(loss.detach())
+            finite = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)[0] == 0
+            last_micro = micro == cfg.train.grad_accum - 1
+            if finite:
+                engine.backward(loss)
+                micro_losses.append(value)
+            else:
+                skipped += 1
+            if last_micro and not micro_losses:
+                for group in optimizer.param_groups:  # no finite micro-batch: keep the parameters as they are
+                    group["lr"] = 0.0
+            if last_micro and manual_grad_norm:
+                grads = [p.grad for p in params if p.grad is not None]
+                step_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            engine.step()
+            step_tokens += float(s_in["attention_mask"].sum())
+            step_supervised += float(s_in["loss_targets"].numel())
+        step += 1
+        # Mean over the ranks that had finite micro-batches (all do, unless the step was skipped).
+        count, summed = all_reduce_sum([float(len(micro_losses)), sum(micro_losses)], device)
+        step_loss = summed / count if count else float("nan")
+        if skipped:
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if not micro_losses else 0
+            log.warning("step %d: %d micro-batch(es) with a non-finite loss skipped", step, skipped)
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_a_row} optimizer steps in a row had only non-finite losses (up to step {step}); "
+                    "stopping (train.max_nonfinite_steps). Lower optim.lr, check the data, or use fp32."
+                )
+        else:
+            nonfinite_in_a_row = 0
+        if math.isfinite(step_loss):
+            loss_fn.update(step_loss, step, total)
+
+        tok, sup = all_reduce_sum([step_tokens, step_supervised], device)
+        tokens_window += tok
+        if step % cfg.train.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - time_window
+            grad_norm = step_grad_norm if manual_grad_norm else engine.get_global_grad_norm()
+            last = {
+                "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0] if hasattr(scheduler, "get_last_lr") else None,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens_window / max(elapsed, 1e-9), "supervised_tokens": sup,
+                "skipped_micro_batches": skipped,
+                "skipped_samples": train_loader.skips.as_dict() if hasattr(train_loader, "skips") else {},
+            }
+            if loss_fn.t is not None:
+                last["t"] = loss_fn.t
+            metrics.write(last)
+            metrics.progress(step, step_loss, loss_fn.t, last["tokens_per_s"])
+            tokens_window, time_window = 0.0, time.perf_counter()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+            last.update(run_eval(step))
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
+            save(step)
+
+    # ---- end -------------------------------------------------------------------------------------
+    last.update(run_eval(step))
+    save(step)
+    skips = train_loader.skips.summary() if hasattr(train_loader, "skips") else ""
+    if rank == 0 and skips:
+        log.info("skipped samples: %s", skips)
+    metrics.write({"event": "end", "step": step, "skipped_samples": train_loader.skips.as_dict()})
+    metrics.close()
+    return last
