@@ -26,22 +26,24 @@ def consolidated_student_state(checkpoint: Path, zero_stage: int) -> dict[str, t
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     else:
-        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{checkpoint}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = torch.load(_model_states_file(checkpoint), map_location="cpu", weights_only=False)["module"]
     prefix = "student."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _model_states_file(checkpoint: Path) -> Path:
+    """Rank 0's DeepSpeed model-states file (mp_rank_00_... under ZeRO 0-2, zero_pp_rank_0_... under ZeRO-3)."""
+    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (checkpoint / pattern).is_file():
+            return checkpoint / pattern
+    raise FileNotFoundError(f"{checkpoint}: no DeepSpeed model states (not a DeepSpeed checkpoint?)")
 
 
 def export_student(checkpoint: Path, out_dir: Path) -> Path:
     from taid_vlm.models import build_model
 
     checkpoint = resolve_checkpoint(Path(checkpoint))
-    states = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-    if not states:
-        raise FileNotFoundError(f"{checkpoint}: no DeepSpeed model states")
-    client = torch.load(states[0], map_location="cpu", weights_only=False)
+    client = torch.load(_model_states_file(checkpoint), map_location="cpu", weights_only=False)
     cfg: RunConfig = from_dict(RunConfig, client["config"], "")
     student = build_model(cfg.student.model, role="student", where="student.model")
     state = consolidated_student_state(checkpoint, cfg.deepspeed.zero_stage)

@@ -155,7 +155,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     def save(at_step: int) -> None:
         client = {"step": at_step, "schedule": loss_fn.schedule_state(), "config": cfg.to_dict(),
                   "model_type": student_model.kind}
-        rank_state = {"loader": train_loader.state_dict(), "rng": ckpt.rng_state()}
+        # Each rank records its own schedule too: a check that every rank holds the same t.
+        rank_state = {"loader": train_loader.state_dict(), "rng": ckpt.rng_state(), "schedule": loss_fn.schedule_state()}
         path = ckpt.save_checkpoint(engine, ckpt_root, at_step, client, rank_state, rank, cfg.train.keep_last)
         if rank == 0:
             log.info("checkpoint %s", path)

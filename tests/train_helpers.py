@@ -1,0 +1,54 @@
+"""Run the real CLI / deepspeed launcher in subprocesses and read what the runs wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict:
+    # One BLAS thread per process: two processes on two cores thrash otherwise.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(config: str, out: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    args = [str(CONFIGS / config), "--output-dir", str(out), "train.progress_bar=false", "train.tensorboard=false",
+            *overrides]
+    if nproc == 1:
+        return [str(BIN / "taid-vlm"), "train", *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            "--module", "taid_vlm.train", *args]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """step -> loss (the last record of each step wins: a resumed run re-logs the steps after its checkpoint)."""
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def evals(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in records(out) if "eval_kl" in r or "eval_student_ce" in r}
