@@ -47,19 +47,23 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
         closed_form = getattr(loss_fn, "closed_form", None) if not params else None
         compute_dtype = torch.promote_types(h_s.dtype, torch.float32)
+        # [C, V] workspaces allocated once and reused by every chunk.
+        rows, vocab = min(chunk_size, n), w_s.shape[0]
+        s_buf = torch.empty(rows, vocab, dtype=compute_dtype, device=h_s.device)
+        t_buf = torch.empty_like(s_buf) if (t_logits is not None or h_t is not None) else None
+        scratch = torch.empty_like(s_buf) if closed_form is not None else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_chunk = h_s[start:end]
             y = labels[start:end] if labels is not None else None
+            teacher_chunk = None
             if t_logits is not None:
-                teacher_chunk = t_logits[start:end].to(compute_dtype, copy=True)
+                teacher_chunk = t_buf[: end - start].copy_(t_logits[start:end])
             elif h_t is not None:
-                teacher_chunk = _fresh(h_t[start:end] @ w_t.T, compute_dtype)
-            else:
-                teacher_chunk = None
-            s_logits = _fresh(h_chunk @ w_s.T, compute_dtype)
+                teacher_chunk = _matmul_into(t_buf[: end - start], h_t[start:end], w_t)
+            s_logits = _matmul_into(s_buf[: end - start], h_chunk, w_s)
             if closed_form is not None:
-                values, d_logits = closed_form(s_logits, teacher_chunk, y)  # overwrites both buffers
+                values, d_logits = closed_form(s_logits, teacher_chunk, y, scratch=scratch[: end - start])
                 chunk_loss = values.sum() / n
                 d_logits = d_logits.div_(n)
             else:
@@ -67,6 +71,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     s_logits.requires_grad_(True)
                     chunk_loss = loss_fn.per_token(s_logits, teacher_chunk, y).sum() / n
                     grads = torch.autograd.grad(chunk_loss, [s_logits, *trainable], allow_unused=True)
+                s_logits.requires_grad_(False)
                 d_logits = grads[0]
                 k = 1
                 for i, need in enumerate(need_params):
@@ -76,13 +81,13 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                         k += 1
                 del grads
             total += chunk_loss.detach()
-            del s_logits, teacher_chunk
             d_logits = d_logits.to(w_s.dtype)
             if need_h:
                 torch.mm(d_logits, w_s, out=grad_h[start:end])
             if need_w:
                 grad_w.addmm_(d_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
-            del d_logits, chunk_loss
+            del d_logits, chunk_loss, s_logits, teacher_chunk
+        del s_buf, t_buf, scratch
 
         # Kept as plain attributes (not save_for_backward) and handed over in backward, so that
         # autograd can adopt the [V, H] weight gradient as W.grad instead of cloning it.
@@ -102,9 +107,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         return (grad_h, grad_w, None, None, None, None, None, None, None, *grad_params)
 
 
-def _fresh(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`, as a buffer the closed forms may overwrite (matmul outputs already are)."""
-    return x if x.dtype == dtype else x.to(dtype)
+def _matmul_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out <- hidden @ weight.T, in out's (float32+) dtype; straight into `out` when the dtypes agree."""
+    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+        return torch.mm(hidden, weight.T, out=out)
+    return out.copy_(hidden @ weight.T)
 
 
 def chunked_lm_head_loss(

@@ -1,14 +1,19 @@
 """Closed-form value and d/d(student logits) for the losses the chunked path runs most (TAID, FKL, RKL).
 
 The chunked path needs, per chunk, the per-token values and the gradient w.r.t. the student logits.
-Autograd gives both for any loss but keeps ~7 [C, V] buffers alive; these closed forms work in place on
-the two logit buffers plus one more, so chunks can be larger (fewer passes over the [V, H] weight) for
-the same memory. Each is checked against the autograd path of the same loss in the tests.
+Autograd gives both for any loss but keeps ~7 [C, V] buffers alive and allocates new ones per chunk;
+these closed forms work in place on the two logit buffers plus one scratch buffer, so chunks can be
+larger (fewer passes over the [V, H] weight) for the same memory, and no [C, V] memory is allocated
+per chunk (on CPU, fresh large buffers cost page faults). Each is checked against the autograd path
+of the same loss in the tests.
 
     FKL / TAID: value = sum_v p_v (log p_v - log q_v),  grad = q - p    (p: teacher or TAID target)
     RKL:        value = sum_v q_v (log q_v - log p_v),  grad = q * (log q - log p - value)
     + ce_weight * CE: value += -log q_y,  grad += ce_weight * (q - onehot(y))
-Both input buffers are overwritten.
+
+Preconditions (true in the chunked path, where student logits come from a matmul): student logits are
+finite; teacher logits may hold -inf (banned entries). Both logit buffers are overwritten; the
+returned gradient aliases the student buffer.
 """
 
 from __future__ import annotations
@@ -18,12 +23,23 @@ from typing import Optional
 import torch
 
 
-def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    return x.sub_(torch.logsumexp(x, -1, keepdim=True))
+def _log_softmax_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """x <- log_softmax(x) in place, using `scratch` (same shape) instead of a fresh temporary."""
+    x.sub_(x.amax(-1, keepdim=True))
+    lse = torch.exp(x, out=scratch).sum(-1, keepdim=True).log_()
+    return x.sub_(lse)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nv,nv->n", a, b)  # a batched matmul: no [C, V] temporary
+
+
+def _add_label_ce(values, grad, probs, logq, labels, ce_weight):
+    index = labels.long().unsqueeze(-1)
+    values = values - ce_weight * logq.gather(-1, index).squeeze(-1)
+    grad.add_(probs, alpha=ce_weight)
+    grad.scatter_add_(-1, index, grad.new_full((grad.shape[0], 1), -ce_weight))
+    return values
 
 
 def forward_kl_and_grad(
@@ -32,23 +48,24 @@ def forward_kl_and_grad(
     labels: Optional[torch.Tensor],
     ce_weight: float,
     student_weight_in_target: float = 0.0,
+    scratch: Optional[torch.Tensor] = None,
 ):
     """KL(p || q) with p = softmax(target_logits + student_weight_in_target * log q) and q = softmax(student).
 
     `student_weight_in_target` = 1 - t gives TAID's target: softmax is shift-invariant per row, so
     (1 - t) * log q stands in for (1 - t) * z_student.
     """
-    logq = _log_softmax_(student_logits)
+    scratch = torch.empty_like(student_logits) if scratch is None else scratch
+    logq = _log_softmax_(student_logits, scratch)
     if student_weight_in_target:
         target_logits.add_(logq, alpha=student_weight_in_target)
-    logp = _log_softmax_(target_logits)
-    p = logp.exp()
-    no_mass = p == 0
-    diff = logp.sub_(logq).masked_fill_(no_mass, 0.0)
+    logp = _log_softmax_(target_logits, scratch)
+    p = torch.exp(logp, out=scratch)
+    # log p = -inf only where p = 0; clamping keeps p * (log p - log q) = 0 there without a mask.
+    diff = logp.clamp_(min=torch.finfo(logp.dtype).min).sub_(logq)
     values = _rowdot(p, diff)
-    del diff, logp
     y_logq = logq.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) if ce_weight else None
-    grad = logq.exp_()
+    grad = logq.exp_()  # q, in the student buffer
     if ce_weight:
         values = values - ce_weight * y_logq
         grad.mul_(1.0 + ce_weight).sub_(p)
@@ -59,16 +76,19 @@ def forward_kl_and_grad(
 
 
 def reverse_kl_and_grad(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], ce_weight: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ce_weight: float,
+    scratch: Optional[torch.Tensor] = None,
 ):
-    logq = _log_softmax_(student_logits)
-    logp = _log_softmax_(teacher_logits)
-    q = logq.exp()
-    diff = torch.sub(logq, logp, out=logp).masked_fill_(q == 0, 0.0)  # log q - log p, 0 off q's support
+    scratch = torch.empty_like(student_logits) if scratch is None else scratch
+    logq = _log_softmax_(student_logits, scratch)
+    logp = _log_softmax_(teacher_logits, scratch)
+    q = torch.exp(logq, out=scratch)
+    diff = torch.sub(logq, logp.clamp_(min=torch.finfo(logp.dtype).min), out=logp)  # finite: q * diff = 0 where q = 0
     values = _rowdot(q, diff)
     grad = diff.sub_(values.unsqueeze(-1)).mul_(q)
     if ce_weight:
-        values = values - ce_weight * logq.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-        grad.add_(q, alpha=ce_weight)
-        grad.scatter_add_(-1, labels.long().unsqueeze(-1), grad.new_full((grad.shape[0], 1), -ce_weight))
+        values = _add_label_ce(values, grad, q, logq, labels, ce_weight)
     return values, grad

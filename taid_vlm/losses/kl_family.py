@@ -24,9 +24,9 @@ class ForwardKL(DistillationLoss):
         logq, logp = _log_probs(student_logits, teacher_logits)
         return D.kl(logp, logq)
 
-    def closed_form(self, student_logits, teacher_logits, labels):
+    def closed_form(self, student_logits, teacher_logits, labels, scratch=None):
         """(values, d/d student_logits) for the chunked path; overwrites both buffers."""
-        return forward_kl_and_grad(student_logits, teacher_logits, labels, self.ce_weight)
+        return forward_kl_and_grad(student_logits, teacher_logits, labels, self.ce_weight, scratch=scratch)
 
 
 class ReverseKL(DistillationLoss):
@@ -38,9 +38,9 @@ class ReverseKL(DistillationLoss):
         logq, logp = _log_probs(student_logits, teacher_logits)
         return D.kl(logq, logp)
 
-    def closed_form(self, student_logits, teacher_logits, labels):
+    def closed_form(self, student_logits, teacher_logits, labels, scratch=None):
         """(values, d/d student_logits) for the chunked path; overwrites both buffers."""
-        return reverse_kl_and_grad(student_logits, teacher_logits, labels, self.ce_weight)
+        return reverse_kl_and_grad(student_logits, teacher_logits, labels, self.ce_weight, scratch=scratch)
 
 
 class TotalVariation(DistillationLoss):

@@ -41,11 +41,12 @@ class TAIDLoss(DistillationLoss):
         target_logits = D.interpolate_logits(student_logits.detach(), teacher_logits, self.schedule.t)
         return D.kl(torch.log_softmax(target_logits, -1), logq)
 
-    def closed_form(self, student_logits, teacher_logits, labels):
+    def closed_form(self, student_logits, teacher_logits, labels, scratch=None):
         """(values, d/d student_logits) for the chunked path; overwrites both buffers."""
         t = self.schedule.t
         target = teacher_logits.mul_(t) if t > 0 else teacher_logits.zero_()  # 0 * -inf would be NaN
-        return forward_kl_and_grad(student_logits, target, labels, self.ce_weight, student_weight_in_target=1.0 - t)
+        return forward_kl_and_grad(student_logits, target, labels, self.ce_weight, student_weight_in_target=1.0 - t,
+                                   scratch=scratch)
 
     def update(self, step_loss: float, step: int, total_steps: int) -> None:
         _check_step(step, total_steps)
