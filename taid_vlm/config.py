@@ -261,7 +261,7 @@ def _resolve_model_paths(model: dict, base: Path) -> None:
     def visit(node):
         if isinstance(node, dict):
             for k, v in node.items():
-                if k in ("path", "pretrained") and isinstance(v, str) and not Path(v).is_absolute():
+                if k in ("path", "pretrained", "saved") and isinstance(v, str) and not Path(v).is_absolute():
                     candidate = (base / v).resolve()
                     if candidate.exists():
                         node[k] = str(candidate)

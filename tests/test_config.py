@@ -71,3 +71,9 @@ def test_cli_reports_config_errors_before_anything_heavy(tmp_path):
     assert proc.returncode == 2
     assert "config error: optim.betaz: unknown key" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_recipe_validates(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.student.model is not None and cfg.train.total_steps > 0

@@ -50,13 +50,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def build_models(cfg: RunConfig):
-    from taid_vlm.models import build_model, check_vocab_compatible
+def build_role_model(model_cfg: dict, role: str):
+    """`{saved: DIR}` loads a model written by save_pretrained / `taid-vlm export`; anything else builds."""
+    from taid_vlm.models import build_model, load_model
 
-    student = build_model(cfg.student.model, role="student", where="student.model")
+    if set(model_cfg) == {"saved"}:
+        return load_model(model_cfg["saved"], role=role)
+    if "saved" in model_cfg:
+        raise ConfigError(f"{role}.model.saved: takes no other keys beside it, got {sorted(model_cfg)}")
+    return build_model(model_cfg, role=role, where=f"{role}.model")
+
+
+def build_models(cfg: RunConfig):
+    from taid_vlm.models import check_vocab_compatible
+
+    student = build_role_model(cfg.student.model, "student")
     teacher = None
     if cfg.loss.name != "ce":
-        teacher = build_model(cfg.teacher.model, role="teacher", where="teacher.model")
+        teacher = build_role_model(cfg.teacher.model, "teacher")
         check_vocab_compatible(teacher, student)
     return teacher, student
 
