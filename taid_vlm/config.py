@@ -99,7 +99,7 @@ class TrainConfig:
     eval_at_start: bool = False           # also evaluate the initial student (step 0)
     save_every: int = 0                   # 0: only at the end
     keep_last: int = 2
-    max_nonfinite_steps: int = 5
+    max_nonfinite_in_a_row: int = 5       # non-finite micro-batches in a row before the run stops
     resume: Union[bool, str] = False      # false | true | auto
     progress_bar: bool = True
     tensorboard: bool = True
@@ -322,7 +322,7 @@ def validate(cfg: RunConfig) -> None:
     for key in ("eval_every", "eval_batches", "save_every"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _positive("train.keep_last", t.keep_last)
-    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    _positive("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)
     if t.resume not in (True, False, "auto"):
         raise ConfigError(f"train.resume: must be true, false or auto, got {t.resume!r}")
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))

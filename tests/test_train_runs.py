@@ -178,3 +178,23 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(shapes, tmp_path)
     for step in range(11, 21):
         assert got[step] == pytest.approx(want[step], rel=0, abs=1e-6), step
     assert sorted(got) == list(range(1, 21)) and not math.isnan(got[20])
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(shapes_text, tmp_path):
+    """A corrupt (NaN) teacher: every step is skipped without touching the student, then the run stops."""
+    from taid_vlm.config import load_config
+    from taid_vlm.models import build_model
+
+    teacher = build_model(load_config(CONFIGS / "tiny_text.yaml").teacher.model, role="teacher")
+    with torch.no_grad():
+        teacher.output_weight().fill_(float("nan"))
+    teacher.save_pretrained(tmp_path / "nan_teacher")
+    out = tmp_path / "run"
+    cmd = train_cmd("tiny_text.yaml", out, *data_overrides(shapes_text), f"teacher.model={{saved: {tmp_path / 'nan_teacher'}}}",
+                    "train.max_nonfinite_in_a_row=3")
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "micro-batch skipped (1 in a row)" in proc.stderr and "(2 in a row)" in proc.stderr
+    assert "3 micro-batches in a row had a non-finite loss (at step 1)" in proc.stderr
+    assert "train.max_nonfinite_in_a_row" in proc.stderr
+    assert not [r for r in records(out) if "loss" in r]  # no step was taken

@@ -175,7 +175,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     def run_eval(at_step: int) -> dict[str, float]:
         if make_val_loader is None:
             return {}
-        result = evaluate(objective if not hasattr(engine, "module") else engine.module, teacher, make_val_loader(),
+        result = evaluate(engine.module, teacher, make_val_loader(),
                           device, vocab_size, cfg.train.eval_batches, to_device=lambda b: to_device(b, device))
         metrics.write({"step": at_step, **result})
         if rank == 0:
@@ -183,6 +183,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         return result
 
     # ---- loop ------------------------------------------------------------------------------------
+    def forward(batch: dict) -> torch.Tensor:
+        if teacher is None:
+            return engine(batch["student"])
+        h_t = teacher.hidden(batch["teacher"])
+        with teacher.output_weight() as w_t:
+            return engine(batch["student"], h_t, w_t)
+
     total = cfg.train.total_steps
     train_iter = iter(train_loader)
     nonfinite_in_a_row = 0
@@ -197,48 +204,46 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         step_grad_norm = None
         micro_losses, skipped = [], 0
         step_tokens, step_supervised = 0.0, 0.0
-        for micro in range(cfg.train.grad_accum):
+        while len(micro_losses) < cfg.train.grad_accum:
             batch = to_device(next(train_iter), device)
             s_in = batch["student"]
-            h_t = teacher.hidden(batch["teacher"]) if teacher is not None else None
-            if teacher is not None:
-                with teacher.output_weight() as w_t:
-                    loss = engine(s_in, h_t, w_t)
-            else:
-                loss = engine(s_in)
+            try:
+                loss = forward(batch)
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"out of memory at step {step + 1}: student input_ids {tuple(s_in['input_ids'].shape)}, "
+                    f"{s_in['loss_targets'].numel()} supervised tokens, samples {batch['keys'][:4]}; lower "
+                    "train.micro_batch_size or data.max_length, set loss.chunk_size, enable gradient "
+                    "checkpointing, or shard the teacher (teacher.placement: zero3)"
+                ) from e
             value = float(loss.detach())
-            finite = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)[0] == 0
-            last_micro = micro == cfg.train.grad_accum - 1
-            if finite:
-                engine.backward(loss)
-                micro_losses.append(value)
-            else:
+            # A non-finite micro-batch is dropped on every rank before backward (DeepSpeed never sees it,
+            # so the parameters and optimizer state stay as they were) and replaced by the next one.
+            if all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)[0] > 0:
                 skipped += 1
-            if last_micro and not micro_losses:
-                for group in optimizer.param_groups:  # no finite micro-batch: keep the parameters as they are
-                    group["lr"] = 0.0
-            if last_micro and manual_grad_norm:
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss on some rank (here %s, samples %s); micro-batch skipped "
+                            "(%d in a row)", step + 1, value, batch["keys"][:4], nonfinite_in_a_row)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (at step {step + 1}); "
+                        "stopping (train.max_nonfinite_in_a_row). Lower optim.lr, check the teacher and the data, "
+                        "or train in fp32."
+                    )
+                continue
+            nonfinite_in_a_row = 0
+            engine.backward(loss)
+            if manual_grad_norm and len(micro_losses) == cfg.train.grad_accum - 1:
                 grads = [p.grad for p in params if p.grad is not None]
                 step_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             engine.step()
+            micro_losses.append(value)
             step_tokens += float(s_in["attention_mask"].sum())
             step_supervised += float(s_in["loss_targets"].numel())
         step += 1
-        # Mean over the ranks that had finite micro-batches (all do, unless the step was skipped).
         count, summed = all_reduce_sum([float(len(micro_losses)), sum(micro_losses)], device)
-        step_loss = summed / count if count else float("nan")
-        if skipped:
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if not micro_losses else 0
-            log.warning("step %d: %d micro-batch(es) with a non-finite loss skipped", step, skipped)
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} optimizer steps in a row had only non-finite losses (up to step {step}); "
-                    "stopping (train.max_nonfinite_steps). Lower optim.lr, check the data, or use fp32."
-                )
-        else:
-            nonfinite_in_a_row = 0
-        if math.isfinite(step_loss):
-            loss_fn.update(step_loss, step, total)
+        step_loss = summed / count
+        loss_fn.update(step_loss, step, total)
 
         tok, sup = all_reduce_sum([step_tokens, step_supervised], device)
         tokens_window += tok
@@ -246,11 +251,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             elapsed = time.perf_counter() - time_window
             grad_norm = step_grad_norm if manual_grad_norm else engine.get_global_grad_norm()
             last = {
-                "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0] if hasattr(scheduler, "get_last_lr") else None,
+                "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_window / max(elapsed, 1e-9), "supervised_tokens": sup,
                 "skipped_micro_batches": skipped,
-                "skipped_samples": train_loader.skips.as_dict() if hasattr(train_loader, "skips") else {},
+                "skipped_samples": train_loader.skips.as_dict(),
             }
             if loss_fn.t is not None:
                 last["t"] = loss_fn.t
@@ -265,9 +270,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     # ---- end -------------------------------------------------------------------------------------
     last.update(run_eval(step))
     save(step)
-    skips = train_loader.skips.summary() if hasattr(train_loader, "skips") else ""
-    if rank == 0 and skips:
-        log.info("skipped samples: %s", skips)
+    if rank == 0:
+        log.info("skipped samples: %s", train_loader.skips.summary())
     metrics.write({"event": "end", "step": step, "skipped_samples": train_loader.skips.as_dict()})
     metrics.close()
     return last
