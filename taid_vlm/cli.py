@@ -1,4 +1,4 @@
-"""`taid-vlm` command line: train, export (demo and compare arrive with their issues)."""
+"""`taid-vlm` command line: train, export, demo (the end-to-end CPU demo), compare (losses side by side)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,34 @@ def _export(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from taid_vlm.experiments.demo import DemoPlan, run_demo
+
+    run_demo(args.out, DemoPlan.quick() if args.quick else DemoPlan(), fresh=args.fresh)
+    return 0
+
+
+def _compare(args) -> int:
+    from taid_vlm.experiments.compare import CompareError, parse_losses, run_cli
+
+    try:
+        losses = parse_losses(args.losses) if args.losses is not None else None
+        return run_cli(args.config, losses, args.seeds, args.steps, args.out, list(args.overrides), args.fresh)
+    except CompareError as e:
+        print(f"taid-vlm compare: {e}", file=sys.stderr)
+        return 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="taid-vlm", description="Distil vision-language and language models with TAID.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -56,6 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run's output dir (latest)")
     e.add_argument("out_dir")
     e.set_defaults(func=_export)
+
+    d = sub.add_parser("demo", help="end to end on a CPU in minutes: teacher VLM, TAID and SFT students, report",
+                       description="Synthetic shards -> a teacher VLM trained from scratch -> a several-times-smaller "
+                                   "student distilled with TAID, and the same student with SFT -> OUT/report.md + plots.")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--quick", action="store_true", help="tiny sizes, seconds: a smoke test of the pipeline")
+    d.add_argument("--fresh", action="store_true", help="retrain every step (default: reuse finished identical runs)")
+    d.set_defaults(func=_demo)
+
+    c = sub.add_parser("compare", help="run several losses on the same setup and seeds; one table + plot",
+                       description="Every loss runs on the same data, teacher, student initialisation, steps and "
+                                   "seeds; final held-out metrics as mean +- std over seeds. CONFIG is a training "
+                                   "config (e.g. configs/demo/distill.yaml, configs/tiny_text.yaml) or a study config "
+                                   "(configs/demo/capacity_gap.yaml: one student, teachers of growing size).")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
+    c.add_argument("--losses", help="comma-separated loss names (default: taid,fkl,rkl,sfkl, or the study's list)")
+    c.add_argument("--seeds", type=_positive_int, help="number of seeds, 0..N-1 (default: 1, or the study's)")
+    c.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default: the config's)")
+    c.add_argument("--out", help="output folder (default: runs/compare/CONFIG_NAME)")
+    c.add_argument("--fresh", action="store_true", help="retrain every run (default: reuse finished identical runs)")
+    c.set_defaults(func=_compare)
     return ap
 
 
@@ -66,9 +116,9 @@ def main(argv: Optional[list] = None) -> int:
     # Overrides (key.sub=value) may stand anywhere after the config, between options too.
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if x.startswith("-") or "=" not in x]
-    if stray or (extra and args.command != "train"):
+    if stray or (extra and args.command not in ("train", "compare")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
-    if args.command == "train":
+    if args.command in ("train", "compare"):
         args.overrides = list(args.overrides) + extra
     from taid_vlm.config import ConfigError
 
