@@ -5,7 +5,10 @@ Steps for a conversation:
 2. the chat template (``spec.chat_template``, else the tokenizer's own, else the library's ChatML
    ``CHATML_TEMPLATE``) renders and tokenizes it through transformers' ``apply_chat_template`` with
    ``return_assistant_tokens_mask=True``: the template's ``{% generation %}`` blocks mark the
-   supervised tokens (assistant content and its end-of-turn token);
+   supervised tokens (assistant content and its end-of-turn token). Templates without such blocks
+   (most stock ones, Qwen2's included) are handled by rendering prefixes: the tokens that the i-th
+   assistant message adds to the conversation rendered up to its generation prompt are supervised
+   (this includes whatever the template writes after the turn, e.g. a newline);
 3. each image token is expanded to ``spec.tokens_per_image`` copies (never supervised);
 4. the sequence is cut to ``max_length``; a cut that would fall inside an image span moves to the
    span's start, and the images whose spans are gone are dropped;
@@ -18,6 +21,7 @@ is supervised, else -100; position 0 is never supervised (nothing predicts it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -27,7 +31,7 @@ from ..spec import InputSpec
 from ..tokenizer import CHATML_TEMPLATE
 from .formats import IMAGE_MARKER
 from .samples import Sample
-from .skips import MARKER_MISMATCH, TOO_LONG, SampleError
+from .skips import BAD_CONVERSATION, MARKER_MISMATCH, TOO_LONG, SampleError
 
 IGNORE_INDEX = -100
 
@@ -51,6 +55,37 @@ def resolve_template(spec: InputSpec) -> str:
     return spec.chat_template or getattr(spec.tokenizer, "chat_template", None) or CHATML_TEMPLATE
 
 
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def has_generation_blocks(template: str) -> bool:
+    return bool(_GENERATION_BLOCK.search(template))
+
+
+def _render(tok, msgs, template, **kwargs) -> List[int]:
+    out = tok.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def assistant_mask_from_prefixes(tok, msgs, template) -> tuple[List[int], List[bool]]:
+    """Token ids of the whole conversation and a mask of the tokens each assistant turn adds.
+
+    Written by hand because transformers only derives assistant masks from {% generation %} blocks.
+    """
+    ids = _render(tok, msgs, template)
+    mask = [False] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tok, msgs[:i], template, add_generation_prompt=True)) if i else 0
+        upto = _render(tok, msgs[: i + 1], template)
+        if ids[: len(upto)] != upto or len(upto) < start:
+            raise SampleError(BAD_CONVERSATION, "chat template is not prefix-stable; add {% generation %} blocks")
+        for k in range(start, len(upto)):
+            mask[k] = True
+    return ids, mask
+
+
 def pad_token_id(tokenizer) -> int:
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pid is None:
@@ -71,13 +106,20 @@ def check_spec(spec: InputSpec, name: str = "model") -> None:
                 f"{name} InputSpec: image_token {spec.image_token!r} tokenizes to {ids}, expected the single "
                 f"id [{spec.image_token_id}]; add it to the tokenizer as a special token")
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    enc = tok.apply_chat_template(probe, chat_template=resolve_template(spec), tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    if not any(enc["assistant_masks"]):
+    template = resolve_template(spec)
+    if has_generation_blocks(template):
+        marked = tok.apply_chat_template(probe, chat_template=template, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)["assistant_masks"]
+    else:
+        try:
+            marked = assistant_mask_from_prefixes(tok, probe, template)[1]
+        except SampleError:
+            marked = []
+    if not any(marked):
         raise ValueError(
-            f"{name} InputSpec: the chat template marks no assistant tokens; it needs "
-            "{% generation %}...{% endgeneration %} around assistant content (see "
-            "taid_vlm.tokenizer.CHATML_TEMPLATE), or pass such a template as InputSpec.chat_template")
+            f"{name} InputSpec: the chat template marks no assistant tokens, with {{% generation %}} blocks or "
+            "by prefix rendering; pass a template like taid_vlm.tokenizer.CHATML_TEMPLATE as "
+            "InputSpec.chat_template")
 
 
 class Renderer:
@@ -89,6 +131,7 @@ class Renderer:
         self.spec = spec
         self.max_length = int(max_length)
         self.template = resolve_template(spec)
+        self.marked = has_generation_blocks(self.template)
         self.eos_id = spec.tokenizer.eos_token_id
 
     # -- token ids + labels ------------------------------------------------------------------
@@ -98,10 +141,13 @@ class Renderer:
         if sample.images and spec.image_token != IMAGE_MARKER:
             msgs = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, spec.image_token)}
                     for m in msgs]
-        enc = tok.apply_chat_template(msgs, chat_template=self.template, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
-        ids = list(enc["input_ids"])
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, enc["assistant_masks"])]
+        if self.marked:
+            enc = tok.apply_chat_template(msgs, chat_template=self.template, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            ids, mask = list(enc["input_ids"]), enc["assistant_masks"]
+        else:
+            ids, mask = assistant_mask_from_prefixes(tok, msgs, self.template)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         return ids, labels
 
     def _text(self, sample: Sample):
