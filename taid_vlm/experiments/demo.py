@@ -105,6 +105,17 @@ def heldout_metrics(student_dir: Path, teacher_dir: Path, val: Path) -> dict:
     return evaluate(holder, teacher, batches, torch.device("cpu"), len(student.tokenizer))
 
 
+def _quiet_libraries() -> None:
+    """No per-file loading bars or accelerator warnings in the middle of the demo's output."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
 def run_demo(out: Path, plan: Optional[DemoPlan] = None, fresh: bool = False,
              echo: Callable[[str], None] = print) -> dict:
     plan = plan or DemoPlan()
@@ -147,6 +158,7 @@ def run_demo(out: Path, plan: Optional[DemoPlan] = None, fresh: bool = False,
     done("sft")
 
     stage("report", "held-out evaluation and report")
+    _quiet_libraries()
     models = {"teacher": teacher_dir}
     for key, run in (("taid", "student_taid"), ("sft", "student_sft")):
         models[key] = run_export(out / run, out / run / "model", fresh=fresh, echo=echo)
