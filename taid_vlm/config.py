@@ -28,6 +28,7 @@ class TeacherConfig:
     model: Optional[Union[dict, str]] = None   # model config (taid_vlm.models), or a path to its YAML
     placement: str = "replicated"         # replicated: a frozen copy per device | zero3: sharded over ranks
     dtype: Optional[str] = None           # override the model's dtype (default: bf16 on GPU with bf16 precision)
+    cache: Optional[str] = None           # a top-k teacher cache (data_tools.cache_teacher): no teacher model is built
 
 
 @dataclass
@@ -292,8 +293,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("student.model: expected a mapping or a path to a YAML file")
     _choice("loss.name", cfg.loss.name, LOSS_NAMES)
     needs_teacher = cfg.loss.name != "ce"
-    if needs_teacher and cfg.teacher.model is None:
-        raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}'")
+    if needs_teacher and cfg.teacher.model is None and cfg.teacher.cache is None:
+        raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}' (or teacher.cache: a top-k teacher cache)")
+    if cfg.teacher.cache is not None and not (Path(cfg.resolve_path(cfg.teacher.cache)) / "manifest.json").is_file():
+        raise ConfigError(f"teacher.cache: {cfg.resolve_path(cfg.teacher.cache)} has no manifest.json (not a teacher "
+                          "cache, or its writing did not finish); write one with python -m data_tools.cache_teacher")
     _choice("teacher.placement", cfg.teacher.placement, ("replicated", "zero3"))
     if cfg.teacher.dtype is not None:
         _choice("teacher.dtype", cfg.teacher.dtype, ("float32", "bfloat16", "float16"))

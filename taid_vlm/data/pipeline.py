@@ -26,6 +26,13 @@ worker order. Resuming re-opens shard ``s``, skips ``j`` raw samples without dec
 re-permutes the block, skips ``o`` samples, and continues. The result: the same batches as an
 uninterrupted run, for the same seed, world size and worker count. (Random image augmentations
 inside a spec's transform are not replayed.)
+
+Companion shards (a cached teacher, taid_vlm.teacher_cache): with ``companion=``, every data shard is
+read together with its companion tar, which holds one record per raw data sample under the same
+``__key__`` in the same order. The two are zipped raw sample by raw sample (the key checked) BEFORE
+the block shuffle, so shuffling, splitting and resume move a sample and its cached teacher together.
+A key mismatch is an error (the companion was written for other data); a companion that ends early
+(truncated) makes the rest of the shard's samples counted skips (``teacher_cache_missing``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import tarfile
 from collections import Counter, deque
 from typing import Any, Dict, Iterator, List, Optional
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -52,6 +60,9 @@ from .shards import ShardSpec, expand_shards
 from .skips import TAR_ERROR, TRUNCATED_TAR, UNALIGNED, SampleError, SkipCounter
 
 log = logging.getLogger(__name__)
+
+COMPANION_FIELD = "__companion__"
+COMPANION_SKIP = "__companion_skip__"
 
 STATE_VERSION = 1
 
@@ -99,6 +110,40 @@ def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[s
             yield sample
 
 
+def read_shard_with_companion(path: str, companion_path: str, skips: SkipCounter, start: int = 0,
+                              field: str = "topk", skip_field: str = "skip") -> Iterator[Dict[str, Any]]:
+    """``read_shard`` of the data shard, each raw sample carrying its companion record under
+    ``COMPANION_FIELD`` (bytes) or the reason the companion writer skipped it under ``COMPANION_SKIP``.
+    Both tars are walked from the start (raw samples are not decoded), so the pairing is by position
+    and key whatever ``start`` is; the first ``start`` pairs are dropped."""
+    from .skips import SampleError  # noqa: F401  (reasons below are plain strings)
+
+    comp = read_shard(companion_path, skips)
+    c = next(comp, None)
+    for j, raw in enumerate(read_shard(path, skips)):
+        key = raw.get("__key__")
+        if c is None:  # the companion ended early (truncated): the rest of this shard cannot be used
+            if j >= start:
+                skips.add("teacher_cache_missing", key)
+            continue
+        if c.get("__key__") != key:
+            raise RuntimeError(
+                f"companion shard {companion_path} is misaligned with {path}: raw sample {j} has key "
+                f"{c.get('__key__')!r} there and {key!r} here; the companion was not written for this shard "
+                "(rebuild the teacher cache)")
+        paired = c
+        c = next(comp, None)
+        if j < start:
+            continue
+        if field in paired:
+            raw[COMPANION_FIELD] = paired[field]
+        elif skip_field in paired:
+            raw[COMPANION_SKIP] = bytes(paired[skip_field]).decode("utf-8", "replace") or "teacher_cache_skip"
+        else:  # a member lost to a cut: the key survived, the record did not
+            raw[COMPANION_SKIP] = "teacher_cache_missing"
+        yield raw
+
+
 class SampleStream(IterableDataset):
     """Worker-side stream of collated batches. Each item is a batch dict plus ``"_meta"``; the last
     item of a finite (eval) stream is ``{"_end": True, "_meta": ...}``."""
@@ -106,7 +151,8 @@ class SampleStream(IterableDataset):
     def __init__(self, shards: List[str], student: InputSpec, teacher: Optional[InputSpec], *, mode: str,
                  batch_size: int, max_length: int, seed: int, rank: int, world_size: int,
                  caption_instruction: str, text_only: bool, pack: bool, shuffle_buffer: int,
-                 pad_to_multiple_of: Optional[int] = None):
+                 pad_to_multiple_of: Optional[int] = None, companion: Any = None,
+                 companion_paths: Optional[Dict[str, str]] = None):
         super().__init__()
         self.shards = shards
         self.mode = mode
@@ -120,6 +166,8 @@ class SampleStream(IterableDataset):
             self.student_r if teacher is student else Renderer(teacher, max_length))
         self.pad_ids = [pad_token_id(student.tokenizer)] + ([] if teacher is None else [pad_token_id(teacher.tokenizer)])
         self.resume: Dict[int, dict] = {}
+        self.companion = companion  # a teacher cache (taid_vlm.teacher_cache.TeacherCache) or None
+        self.companion_paths = companion_paths or {}
 
     # -- raw samples in this worker's order ------------------------------------------------------
     def _shard_at(self, g: int, G: int, s: int) -> Optional[str]:
@@ -140,7 +188,7 @@ class SampleStream(IterableDataset):
             if path is None:
                 return
             got = False
-            for jj, raw in enumerate(read_shard(path, skips, start=j), start=j):
+            for jj, raw in enumerate(self._read(path, skips, j), start=j):
                 got = True
                 if split_samples and (s + jj) % G != g:
                     continue
@@ -149,6 +197,11 @@ class SampleStream(IterableDataset):
             empty_run = 0 if got else empty_run + 1
             if empty_run > len(self.shards):
                 raise RuntimeError(f"no readable sample in any of {len(self.shards)} shards ({skips.summary()})")
+
+    def _read(self, path: str, skips: SkipCounter, start: int):
+        if self.companion is None:
+            return read_shard(path, skips, start=start)
+        return read_shard_with_companion(path, self.companion_paths[path], skips, start=start)
 
     def _blocks(self, g: int, G: int, pos: dict, skips: SkipCounter):
         """Yield ``(raw, position_after)`` in (block-)shuffled order."""
@@ -171,9 +224,20 @@ class SampleStream(IterableDataset):
 
     # -- samples -> rendered, aligned ------------------------------------------------------------
     def prepare(self, raw: Dict[str, Any], stats: Counter):
+        if COMPANION_SKIP in raw:
+            raise SampleError(raw[COMPANION_SKIP], "skipped by the teacher cache writer")
         sample = decode_sample(raw, self.caption_instruction, self.text_only)
         s = self.student_r(sample)
-        if self.teacher_r is None:
+        if self.companion is not None:
+            record, labels, dropped = self.companion.align(raw[COMPANION_FIELD], s.labels, sample.key)
+            if dropped:
+                stats["unaligned_tokens_dropped"] += dropped
+                s.labels = labels
+            stats["samples"] += 1
+            stats["truncated"] += int(s.truncated)
+            stats["supervised_tokens"] += int(record.targets.shape[0])
+            return sample.key, [s], record
+        elif self.teacher_r is None:
             parts = [s]
         elif self.teacher_r is self.student_r:
             parts = [s, s]
@@ -189,7 +253,7 @@ class SampleStream(IterableDataset):
         stats["samples"] += 1
         stats["truncated"] += int(any(p.truncated for p in parts))
         stats["supervised_tokens"] += sum(1 for x in s.labels[1:] if x != -100)
-        return sample.key, parts
+        return sample.key, parts, None
 
     def _batch(self, items: list, packed: bool) -> Dict[str, Any]:
         names = ["student", "teacher"][: len(self.pad_ids)]
@@ -201,6 +265,13 @@ class SampleStream(IterableDataset):
             else:
                 out[name] = collate([it[1][m] for it in items], self.pad_ids[m], self.pad_to_multiple_of)
         out["keys"] = [it[0] for row in items for it in row] if packed else [it[0] for it in items]
+        if self.companion is not None:  # records in loss_targets order: sample-major, then token order
+            records = [it[3] for row in items for it in row] if packed else [it[3] for it in items]
+            topk = self.companion.collate(records)
+            if not torch.equal(topk.pop("targets").long(), out["student"]["loss_targets"]):
+                raise RuntimeError(f"teacher cache rows do not line up with the student's supervised tokens "
+                                   f"(samples {out['keys'][:4]}); this is a bug")
+            out["teacher_topk"] = topk
         return out
 
     def __iter__(self):
@@ -220,11 +291,11 @@ class SampleStream(IterableDataset):
         batch: list = []
         for raw, after in self._blocks(g, G, pos, skips):
             try:
-                key, parts = self.prepare(raw, stats)
+                key, parts, record = self.prepare(raw, stats)
             except SampleError as e:
                 skips.add(e.reason, raw.get("__key__"))
                 continue
-            item = (key, parts, meta(after))
+            item = (key, parts, meta(after), record)  # record: the cached teacher's rows, or None
             if packer is not None:
                 rows = packer.add(item)
                 if rows is not None:
@@ -366,13 +437,18 @@ def build_loader(
     rank: int = 0, world_size: int = 1, caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION,
     text_only: bool = False, pack: bool = False, shuffle_buffer: int = 1000,
     pad_to_multiple_of: Optional[int] = None, pin_memory: bool = False, prefetch_factor: Optional[int] = None,
-    multiprocessing_context: Optional[str] = None,
+    multiprocessing_context: Optional[str] = None, companion: Any = None,
 ) -> Loader:
     """The one entry point: shards + per-model InputSpecs -> a resumable iterable of batches.
 
     Startup errors (ValueError / FileNotFoundError, naming the culprit): missing shard, empty spec,
     unknown mode, packing without text_only, a text-only spec for image data, an InputSpec whose image
     token or chat template cannot work, teacher/student tokenizers with different vocabularies.
+
+    ``companion``: a teacher cache (taid_vlm.teacher_cache.TeacherCache) instead of ``teacher_spec``:
+    batches then carry ``"teacher_topk": {"ids" [K, k], "logprobs" [K, k], "log_tail" [K]}`` aligned
+    with ``student.loss_targets`` (and no ``"teacher"`` entry). Every shard's companion is found and
+    checked here, at startup.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -383,6 +459,11 @@ def build_loader(
     if pack and not text_only:
         raise ValueError("pack=True is only for text-only data: set text_only=True")
     paths = expand_shards(shards)
+    companion_paths = None
+    if companion is not None:
+        if teacher_spec is not None:
+            raise ValueError("give teacher_spec (online teacher) or companion (cached teacher), not both")
+        companion_paths = companion.companions(paths)
     specs = [("student", student_spec)] + ([("teacher", teacher_spec)] if teacher_spec is not None else [])
     for name, spec in specs:
         check_spec(spec, name)
@@ -401,6 +482,7 @@ def build_loader(
     stream = SampleStream(paths, student_spec, teacher_spec, mode=mode, batch_size=batch_size,
                           max_length=max_length, seed=seed, rank=rank, world_size=world_size,
                           caption_instruction=caption_instruction, text_only=text_only, pack=pack,
-                          shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of)
+                          shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of,
+                          companion=companion, companion_paths=companion_paths)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                   multiprocessing_context=multiprocessing_context)

@@ -3,6 +3,10 @@
 eval_kl: KL(p_T || q_S) per token; eval_top1_agreement: argmax agreement; eval_student_ce /
 eval_teacher_ce: cross-entropy of the target token; eval_student_acc / eval_teacher_acc: argmax ==
 target (the answer-token accuracy on Q/A data). Logits are computed chunk by chunk, never all at once.
+
+From a teacher cache (``batch["teacher_topk"]``) the teacher is its top-k + uniform tail (see
+taid_vlm.teacher_cache): teacher argmax, top-1 agreement and teacher accuracy are exact; teacher CE
+is exact when the target is in the top-k, else the tail-uniform value; eval_kl is KL(p~ || q_S).
 """
 
 from __future__ import annotations
@@ -19,20 +23,29 @@ METRICS = ("kl", "top1_agreement", "student_ce", "teacher_ce", "student_acc", "t
 
 
 @torch.no_grad()
-def metric_sums(h_s, w_s, h_t, w_t, targets, chunk: int = 256) -> dict[str, float]:
+def metric_sums(h_s, w_s, h_t, w_t, targets, chunk: int = 256, teacher_topk: Optional[dict] = None) -> dict[str, float]:
     sums = dict.fromkeys(METRICS, 0.0)
     for start in range(0, h_s.shape[0], chunk):
         y = targets[start : start + chunk]
         logq = torch.log_softmax((h_s[start : start + chunk] @ w_s.T).float(), -1)
         sums["student_ce"] += float(-logq.gather(-1, y[:, None]).sum())
         sums["student_acc"] += float((logq.argmax(-1) == y).sum())
-        if h_t is not None:
+        logp = None
+        if teacher_topk is not None:
+            from taid_vlm.losses.chunked import topk_log_probs_into
+
+            part = [teacher_topk[k][start : start + chunk] for k in ("ids", "logprobs", "log_tail")]
+            logp = torch.log_softmax(topk_log_probs_into(torch.empty_like(logq), *part), -1)
+        elif h_t is not None:
             logp = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float(), -1)
+        if logp is not None:
             p = logp.exp()
             sums["kl"] += float(torch.where(p > 0, p * (logp - logq), 0.0).sum())
-            sums["top1_agreement"] += float((logp.argmax(-1) == logq.argmax(-1)).sum())
+            # from a cache the stored top-1 is the teacher's argmax (16-bit ties cannot reorder it)
+            top1 = teacher_topk["ids"][start : start + chunk, 0].long() if teacher_topk is not None else logp.argmax(-1)
+            sums["top1_agreement"] += float((top1 == logq.argmax(-1)).sum())
             sums["teacher_ce"] += float(-logp.gather(-1, y[:, None]).sum())
-            sums["teacher_acc"] += float((logp.argmax(-1) == y).sum())
+            sums["teacher_acc"] += float((top1 == y).sum())
     return sums
 
 
@@ -74,6 +87,7 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
             if to_device is not None:
                 batch = to_device(batch)
             s_in = batch["student"]
+            topk = batch.get("teacher_topk")
             with torch.no_grad():
                 h_s = hidden_at(objective.student, s_in)
                 h_t = teacher.hidden(batch["teacher"]) if teacher is not None else None
@@ -81,7 +95,7 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
                 t_ctx = teacher.output_weight() if teacher is not None else contextlib.nullcontext(None)
                 with ctx, t_ctx as w_t:
                     sums = metric_sums(h_s, w_s[:vocab_size], h_t, w_t[:vocab_size] if w_t is not None else None,
-                                       s_in["loss_targets"])
+                                       s_in["loss_targets"], teacher_topk=topk)
             if real:
                 for k in METRICS:
                     totals[k] += sums[k]
@@ -91,7 +105,7 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
     reduced = all_reduce_sum([totals[k] for k in METRICS] + [count], device)
     n = max(reduced[-1], 1.0)
     out = {f"eval_{k}": v / n for k, v in zip(METRICS, reduced[:-1])}
-    if teacher is None:
+    if teacher is None and (last is None or "teacher_topk" not in last):
         for k in ("kl", "top1_agreement", "teacher_ce", "teacher_acc"):
             out.pop(f"eval_{k}")
     out["eval_tokens"] = int(reduced[-1])

@@ -37,10 +37,11 @@ class DistillationObjective(nn.Module):
             deepspeed.zero.register_external_parameter(self, weight)
 
     def forward(self, student_inputs: dict, teacher_hidden: Optional[torch.Tensor] = None,
-                teacher_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                teacher_weight: Optional[torch.Tensor] = None, teacher_topk: Optional[dict] = None) -> torch.Tensor:
         h_s = hidden_at(self.student, student_inputs)
         w_s = self.student.output_weight()[: self.vocab_size]
         w_t = teacher_weight[: self.vocab_size] if teacher_weight is not None else None
         return self.loss_fn.fused(
-            h_s, w_s, teacher_hidden, w_t, mask=None, labels=student_inputs["loss_targets"], chunk_size=self.chunk_size
+            h_s, w_s, teacher_hidden, w_t, mask=None, labels=student_inputs["loss_targets"], chunk_size=self.chunk_size,
+            teacher_topk=teacher_topk,
         )

@@ -66,13 +66,34 @@ def build_models(cfg: RunConfig):
 
     student = build_role_model(cfg.student.model, "student")
     teacher = None
-    if cfg.loss.name != "ce":
+    if cfg.loss.name != "ce" and cfg.teacher.cache is None:  # a cached teacher is never built
         teacher = build_role_model(cfg.teacher.model, "teacher")
         check_vocab_compatible(teacher, student)
     return teacher, student
 
 
-def build_loaders(cfg: RunConfig, student, teacher, rank: int, world: int):
+def open_teacher_cache(cfg: RunConfig, student):
+    """`teacher.cache`: the cache, checked against this run (tokenizer, vocab size, rendering, teacher config)."""
+    if cfg.teacher.cache is None or cfg.loss.name == "ce":
+        return None
+    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
+    from taid_vlm.teacher_cache import CacheMismatchError, TeacherCache, check_manifest, vocab_hash
+
+    folder = cfg.resolve_path(cfg.teacher.cache)
+    try:
+        cache = TeacherCache(folder)
+        check_manifest(cache.manifest, folder, vocab=vocab_hash(student.tokenizer), vocab_size=len(student.tokenizer),
+                       max_length=cfg.data.max_length, text_only=cfg.data.text_only,
+                       caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+                       teacher_model=cfg.teacher.model)
+    except CacheMismatchError as e:
+        raise ConfigError(f"teacher.cache: {e}") from None
+    log.info("teacher from cache %s (k=%d, V=%d, teacher weights %s)", folder, cache.k, cache.vocab_size,
+             cache.manifest["teacher"]["weights_fingerprint"][:23])
+    return cache
+
+
+def build_loaders(cfg: RunConfig, student, teacher, rank: int, world: int, cache=None):
     from taid_vlm.data import build_loader
     from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
 
@@ -80,7 +101,7 @@ def build_loaders(cfg: RunConfig, student, teacher, rank: int, world: int):
         batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length, num_workers=cfg.data.num_workers,
         seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
         caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-        shuffle_buffer=cfg.data.shuffle_buffer,
+        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache,
     )
     t_spec = teacher.input_spec if teacher is not None else None
     train = build_loader(_shards(cfg, cfg.data.train), student.input_spec, t_spec, mode="train", **common)
@@ -118,6 +139,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     # ---- models, loss, engines -----------------------------------------------------------------
     teacher_model, student_model = build_models(cfg)
+    cache = open_teacher_cache(cfg, student_model)
     bf16 = cfg.train.precision == "bf16"
     vocab_size = len(student_model.tokenizer)
     loss_kwargs = dict(cfg.loss.params)
@@ -142,7 +164,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         t_dtype = DTYPES[cfg.teacher.dtype] if cfg.teacher.dtype else (torch.bfloat16 if bf16 else torch.float32)
         ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
         teacher = Teacher(teacher_model, cfg.teacher.placement, device, t_dtype, ds_t)
-    train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world)
+    train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world, cache)
 
     # ---- resume ----------------------------------------------------------------------------------
     step = 0
@@ -184,6 +206,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     # ---- loop ------------------------------------------------------------------------------------
     def forward(batch: dict) -> torch.Tensor:
+        if "teacher_topk" in batch:
+            return engine(batch["student"], teacher_topk=batch["teacher_topk"])
         if teacher is None:
             return engine(batch["student"])
         h_t = teacher.hidden(batch["teacher"])

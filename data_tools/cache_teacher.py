@@ -1,0 +1,57 @@
+"""Cache a teacher's top-k log-probs beside the shards, once, so distillation runs without the teacher.
+
+    python -m data_tools.cache_teacher CONFIG --k 64 --out DIR [--split train|val|both] [key.sub=value ...]
+    deepspeed --num_gpus 8 --module data_tools.cache_teacher CONFIG --k 64 --out DIR   # many processes
+
+CONFIG is the training config: its teacher (model, placement, dtype), its data (shards, max_length,
+text_only, caption_instruction) and its train.precision decide what is cached. DIR receives one
+companion shard per data shard (``DIR/train/shard-000000.tar`` ...: the same ``__key__``s and file
+names) and ``DIR/manifest.json`` (teacher, tokenizer, k, rendering settings, per-shard statistics).
+Then train with ``teacher.cache=DIR``: no teacher model is built. Format and approximation:
+taid_vlm/teacher_cache/__init__.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.cache_teacher", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    ap.add_argument("--k", type=int, default=64, help="top-k entries per supervised token (default 64)")
+    ap.add_argument("--out", required=True, help="cache folder")
+    ap.add_argument("--split", choices=("train", "val", "both"), default="both")
+    ap.add_argument("--batch-size", type=int, help="samples per teacher forward (default: train.micro_batch_size)")
+    ap.add_argument("--logprob-dtype", choices=("float16", "float32"), default="float16")
+    ap.add_argument("--no-compress", action="store_true", help="plain tar companions (default: gzip level 1)")
+    ap.add_argument("--overwrite", action="store_true", help="rewrite companion shards that are already finished")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    a = ap.parse_args(argv)
+
+    from taid_vlm.config import ConfigError, load_config
+    from taid_vlm.teacher_cache.writer import write_cache
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(a.config, list(a.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    splits = ("train", "val") if a.split == "both" else (a.split,)
+    manifest = write_cache(cfg, a.out, k=a.k, splits=splits, batch_size=a.batch_size, logprob_dtype=a.logprob_dtype,
+                           overwrite=a.overwrite, compress=not a.no_compress)
+    if manifest is not None:
+        t = manifest["totals"]
+        print(json.dumps({"out": a.out, "k": manifest["k"], "vocab_size": manifest["vocab_size"], **t}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

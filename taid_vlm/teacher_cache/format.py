@@ -1,0 +1,92 @@
+"""One companion record per data sample: the teacher's top-k at each of its supervised text tokens.
+
+A companion shard is a tar with the same ``__key__``s, in the same order, as its data shard, one member
+per raw data sample:
+
+- ``KEY.topk``: a 16-byte header ``<4s B B H I I>`` = (b"TKC1", version 1, log-prob dtype code, 0, k,
+  n) followed by, for the n supervised tokens of the teacher's rendering (its k-th supervised position =
+  the k-th entry):
+      targets  int32   [n]      the supervised token ids (for alignment and integrity checks)
+      ids      int32   [n, k]   the teacher's top-k token ids, by decreasing probability
+      logprobs float16 [n, k]   their log-probabilities (float32 with --logprob-dtype float32)
+      log_tail float32 [n]      log of the probability mass outside the top-k (-inf when k = V)
+  = 6k + 8 bytes per supervised token with float16 (392 at k = 64), plus the tar member overhead
+  (a 512-byte header and padding to 512 bytes) per sample.
+- ``KEY.skip``: the sample could not be rendered for the teacher (utf-8 reason, e.g. ``corrupt_image``);
+  training skips it under that reason. It keeps the companion one-to-one with the data shard.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+MAGIC = b"TKC1"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHII")
+TOPK_FIELD = "topk"
+SKIP_FIELD = "skip"
+DTYPES = {1: np.float16, 2: np.float32}
+DTYPE_CODES = {"float16": 1, "float32": 2}
+
+
+class CacheRecordError(ValueError):
+    """A companion record that does not parse (wrong magic or version, wrong length)."""
+
+
+class TopKRecord(NamedTuple):
+    targets: np.ndarray   # int32 [n]
+    ids: np.ndarray       # int32 [n, k]
+    logprobs: np.ndarray  # float16 / float32 [n, k]
+    log_tail: np.ndarray  # float32 [n]
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    def select(self, rows) -> "TopKRecord":
+        return TopKRecord(self.targets[rows], self.ids[rows], self.logprobs[rows], self.log_tail[rows])
+
+
+def bytes_per_token(k: int, logprob_dtype: str = "float16") -> int:
+    """Payload bytes per supervised token (without the per-sample header and tar overhead)."""
+    return 4 + 4 * k + np.dtype(DTYPES[DTYPE_CODES[logprob_dtype]]).itemsize * k + 4
+
+
+def encode(targets, ids, logprobs, log_tail, logprob_dtype: str = "float16") -> bytes:
+    n, k = ids.shape
+    dt = DTYPES[DTYPE_CODES[logprob_dtype]]
+    parts = [np.ascontiguousarray(targets, dtype="<i4"), np.ascontiguousarray(ids, dtype="<i4"),
+             np.ascontiguousarray(logprobs, dtype=np.dtype(dt).newbyteorder("<")),
+             np.ascontiguousarray(log_tail, dtype="<f4")]
+    if parts[0].shape != (n,) or parts[2].shape != (n, k) or parts[3].shape != (n,):
+        raise ValueError(f"encode: shapes targets {parts[0].shape}, ids {(n, k)}, logprobs {parts[2].shape}, "
+                         f"log_tail {parts[3].shape} do not fit together")
+    return HEADER.pack(MAGIC, VERSION, DTYPE_CODES[logprob_dtype], 0, k, n) + b"".join(p.tobytes() for p in parts)
+
+
+def decode(data: bytes) -> TopKRecord:
+    if len(data) < HEADER.size:
+        raise CacheRecordError(f"record of {len(data)} bytes is shorter than its header")
+    magic, version, code, _, k, n = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION or code not in DTYPES:
+        raise CacheRecordError(f"not a version-{VERSION} top-k record (magic {magic!r}, version {version}, dtype {code})")
+    size = np.dtype(DTYPES[code]).itemsize
+    want = HEADER.size + n * (4 + 4 * k + size * k + 4)
+    if len(data) != want:
+        raise CacheRecordError(f"record has {len(data)} bytes, its header (n={n}, k={k}) says {want}")
+    buf, at = memoryview(data), HEADER.size
+
+    def take(dtype, count, shape):
+        nonlocal at
+        arr = np.frombuffer(buf, dtype=dtype, count=count, offset=at).reshape(shape)
+        at += arr.nbytes
+        return arr
+
+    targets = take("<i4", n, (n,))
+    ids = take("<i4", n * k, (n, k))
+    logprobs = take(np.dtype(DTYPES[code]).newbyteorder("<"), n * k, (n, k))
+    log_tail = take("<f4", n, (n,))
+    return TopKRecord(targets, ids, logprobs, log_tail)
