@@ -105,7 +105,9 @@ class TeacherCache:
     @staticmethod
     def collate(records: Sequence[fmt.TopKRecord]) -> Dict[str, torch.Tensor]:
         """Records in batch order (sample-major, token order: the order of ``loss_targets``)."""
-        cat = (lambda xs: np.concatenate(xs)) if records else None
+        def cat(xs):
+            return np.concatenate(xs) if xs else np.zeros((0,), dtype=np.int32)
+
         return {"ids": torch.from_numpy(cat([r.ids for r in records])),
                 "logprobs": torch.from_numpy(cat([r.logprobs for r in records])),
                 "log_tail": torch.from_numpy(cat([r.log_tail for r in records])),
