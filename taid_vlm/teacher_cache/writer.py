@@ -140,6 +140,9 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
         rank, world, device = init_distributed()
     else:  # one plain process (e.g. from Python): no process group needed for a replicated teacher
         rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from taid_vlm.train.synthetic import ensure_synthetic_data
+
+    ensure_synthetic_data(cfg, rank)  # the tiny recipes generate their shards on first use
     out = Path(out).resolve()
     parts_dir = out / PARTS
     if rank == 0:
