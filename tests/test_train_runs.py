@@ -94,12 +94,13 @@ def test_text_only_run_and_export_loads_in_transformers(shapes_text, tmp_path):
 LAUNCH = ["train.total_steps=6", "train.micro_batch_size=2", "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
 
 
-def test_two_process_launcher_zero2_zero3_match_and_share_t(shapes, tmp_path):
+def test_two_process_launcher_zero2_zero3_and_sharded_teacher_match_and_share_t(shapes, tmp_path):
     runs = {}
-    for stage in (0, 2, 3):
+    # ZeRO-0 reference; ZeRO-2 student; ZeRO-3 student with the teacher sharded by ZeRO-3 as well.
+    for stage, placement in ((0, "replicated"), (2, "replicated"), (3, "zero3")):
         out = tmp_path / f"zero{stage}"
         run(train_cmd("tiny_vlm.yaml", out, *data_overrides(shapes), *LAUNCH, f"deepspeed.zero_stage={stage}",
-                      "train.eval_batches=2", nproc=2))
+                      f"teacher.placement={placement}", "train.eval_batches=2", nproc=2))
         runs[stage] = out
     reference = step_losses(runs[0])
     assert sorted(reference) == list(range(1, 7))

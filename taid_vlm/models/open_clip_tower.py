@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config_checks import check_keys
 from .vision import VisionEncoder, check_feature_layer
@@ -73,6 +74,7 @@ class OpenClipVisionEncoder(VisionEncoder):
         self.num_tokens = self.grid[0] * self.grid[1] + (0 if drop_cls else 1)
         self.preprocess = preprocess
         self.image_transform = image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
+        _register_direct_parameters(self, tower)
         self._export = export
 
     @classmethod
@@ -128,6 +130,8 @@ class OpenClipVisionEncoder(VisionEncoder):
         return cls(tower, layer, drop_cls, preprocess, export)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # forward_intermediates, not forward: ZeRO-3 gathers the tower's own parameters (class and
+        # position embeddings) only because they are registered on this module (see __init__).
         out = self.tower.forward_intermediates(pixel_values, indices=[self.layer], intermediates_only=True,
                                                output_fmt="NLC", output_extra_tokens=not self.drop_cls)
         tokens = out["image_intermediates"][0]
@@ -137,3 +141,24 @@ class OpenClipVisionEncoder(VisionEncoder):
 
     def export_config(self) -> dict:
         return dict(self._export)
+
+
+def _register_direct_parameters(owner: nn.Module, tower: nn.Module) -> None:
+    """Let ZeRO-3 gather the parameters that open_clip uses outside their own module's forward().
+
+    ZeRO-3 fetches a module's parameters when that module's forward() runs. Two kinds escape it here:
+    the tower's direct parameters (class and position embeddings), used by forward_intermediates(),
+    which is not the tower's forward(); and nn.MultiheadAttention's out_proj, whose weight the attention
+    function reads without calling out_proj. Registered as external parameters of the module that
+    does run, they are gathered with it. A no-op outside ZeRO-3.
+    """
+    try:
+        import deepspeed
+    except ImportError:  # DeepSpeed is optional for inference use of the models
+        return
+    for param in tower.parameters(recurse=False):
+        deepspeed.zero.register_external_parameter(owner, param)
+    for module in tower.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for param in module.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(module, param)
