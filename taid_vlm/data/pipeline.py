@@ -116,8 +116,6 @@ def read_shard_with_companion(path: str, companion_path: str, skips: SkipCounter
     ``COMPANION_FIELD`` (bytes) or the reason the companion writer skipped it under ``COMPANION_SKIP``.
     Both tars are walked from the start (raw samples are not decoded), so the pairing is by position
     and key whatever ``start`` is; the first ``start`` pairs are dropped."""
-    from .skips import SampleError  # noqa: F401  (reasons below are plain strings)
-
     comp = read_shard(companion_path, skips)
     c = next(comp, None)
     for j, raw in enumerate(read_shard(path, skips)):

@@ -47,9 +47,9 @@ interpolates in logit space with them: p_t = softmax((1 - t) * stopgrad(z_S) + t
   flattening the tail's shape costs more (measured on a Zipf teacher with a far-off student, k = 64:
   TAID t = 0.4 loss -59 %, gradient 41 % relative error; RKL -33 %); k = 256 halves it
   (tests/test_teacher_cache_loss.py prints the numbers). Prefer a larger k for these, or FKL.
-- Eval metrics (taid_vlm.train.evaluate): teacher top-1 and teacher accuracy are exact; teacher CE is
-  exact when the target is in the top-k (else the tail-uniform value); eval_kl and top-1 agreement are
-  computed against p~.
+- Eval metrics (taid_vlm.train.evaluate): top-1 agreement and teacher accuracy are exact (the stored
+  top-1 is the teacher's argmax); teacher CE is exact when the target is in the top-k (else the
+  tail-uniform value); eval_kl is KL(p~ || q_S).
 """
 
 from .format import TopKRecord, bytes_per_token, decode, encode
