@@ -259,7 +259,7 @@ def run_capacity_gap(path: Path, losses: Optional[Sequence[str]], seeds: Optiona
         model_arg = model if isinstance(model, str) else json.dumps(model)
         job = TrainJob(name=f"teacher {name}", config=Path(study["teacher_recipe"]), run_dir=t_dir / "run",
                        steps=t_steps, overrides=[f"student.model={model_arg}", *study.get("teacher_overrides", []),
-                                                 *overrides])
+                                                 *t.get("overrides", []), *overrides])
         t_metrics = run_training(job, fresh=fresh, echo=echo)
         saved = run_export(t_dir / "run", t_dir / "model", fresh=fresh, echo=echo)
         params = count_parameters(saved)["total"]
