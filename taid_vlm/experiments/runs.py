@@ -108,7 +108,7 @@ class TrainJob:
                 *self.overrides]
 
     def _stamp(self) -> dict:
-        return {"name": self.name, "argv": self.command()[3:]}
+        return {"argv": self.command()[3:]}  # what was run; not the display name (it holds "i/n")
 
     def is_done(self) -> bool:
         stamp = self.run_dir / STAMP
