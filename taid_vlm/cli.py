@@ -39,6 +39,9 @@ def _export(args) -> int:
 
 def _demo(args) -> int:
     from taid_vlm.experiments.demo import DemoPlan, run_demo
+    from taid_vlm.experiments.runs import sigterm_as_interrupt
+
+    sigterm_as_interrupt()
 
     run_demo(args.out, DemoPlan.quick() if args.quick else DemoPlan(), fresh=args.fresh)
     return 0
@@ -46,6 +49,9 @@ def _demo(args) -> int:
 
 def _compare(args) -> int:
     from taid_vlm.experiments.compare import CompareError, parse_losses, run_cli
+    from taid_vlm.experiments.runs import sigterm_as_interrupt
+
+    sigterm_as_interrupt()
 
     try:
         losses = parse_losses(args.losses) if args.losses is not None else None

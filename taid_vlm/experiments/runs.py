@@ -36,6 +36,16 @@ def child_env() -> dict:
     return env
 
 
+def sigterm_as_interrupt() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so a killed demo/compare also stops its training subprocess."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def read_records(run_dir: Path) -> list[dict]:
     """Every JSON record of RUN_DIR/metrics.jsonl (a half-written last line is ignored)."""
     path = Path(run_dir) / "metrics.jsonl"
