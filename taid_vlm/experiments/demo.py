@@ -30,12 +30,12 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 @dataclass
 class DemoPlan:
-    n_samples: int = 4000        # synthetic samples, train + val
+    n_samples: int = 8000        # synthetic samples, train + val
     val_fraction: float = 0.1
     data_seed: int = 0
-    teacher_steps: int = 600
+    teacher_steps: int = 1000
     student_steps: int = 400
-    teacher_eval_every: int = 100
+    teacher_eval_every: int = 200
     student_eval_every: int = 50
     micro_batch_size: int = 16
 
