@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 
 def softmax(z):
@@ -129,3 +130,21 @@ def masked_mean(name, zs, zt, y, mask, frozen=None, **kwargs):
         return 0.0
     values = REFERENCES[name](zs[keep], zt[keep], None if y is None else y[keep], frozen[keep], **kwargs)
     return float(values.mean())
+
+
+# ---- inputs of the chunked lm_head path (hidden states and lm_head weights) -------------------
+
+N, H_S, H_T, V = 23, 6, 9, 17
+
+
+def lm_head_inputs(seed=0, dtype=torch.float64):
+    """Student hidden [N, H_S] and weight [V, H_S] (requiring grad), teacher hidden and weight, a random
+    mask [N] and labels [N]; deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, H_S, generator=g, dtype=dtype, requires_grad=True)
+    ws = torch.randn(V, H_S, generator=g, dtype=dtype, requires_grad=True)
+    ht = torch.randn(N, H_T, generator=g, dtype=dtype)
+    wt = torch.randn(V, H_T, generator=g, dtype=dtype)
+    mask = torch.rand(N, generator=g) < 0.75
+    labels = torch.randint(0, V, (N,), generator=g)
+    return hs, ws, ht, wt, mask, labels

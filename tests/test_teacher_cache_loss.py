@@ -10,18 +10,8 @@ import torch
 from taid_vlm.losses import LOSS_NAMES, build_loss
 from taid_vlm.losses.chunked import topk_log_probs_into
 
-N, H_S, H_T, V = 23, 6, 9, 17
-
-
-def inputs(seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(N, H_S, generator=g, dtype=dtype, requires_grad=True)
-    ws = torch.randn(V, H_S, generator=g, dtype=dtype, requires_grad=True)
-    ht = torch.randn(N, H_T, generator=g, dtype=dtype)
-    wt = torch.randn(V, H_T, generator=g, dtype=dtype)
-    mask = torch.rand(N, generator=g) < 0.75
-    labels = torch.randint(0, V, (N,), generator=g)
-    return hs, ws, ht, wt, mask, labels
+from tests.loss_reference import N, V
+from tests.loss_reference import lm_head_inputs as inputs
 
 
 def topk_of(logits: torch.Tensor, k: int):

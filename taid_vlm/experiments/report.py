@@ -155,12 +155,7 @@ def plot_runs(runs: Mapping[str, Metrics], key: str, path: Path, *, source: str 
     ax.set_title(title or key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_compare(agg: Mapping[str, Mapping[str, Stat]], curves: Mapping[str, Sequence[Metrics]], path: Path,
@@ -207,9 +202,14 @@ def plot_compare(agg: Mapping[str, Mapping[str, Stat]], curves: Mapping[str, Seq
         ax.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    _plt().close(fig)
     return path
