@@ -130,6 +130,7 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     from taid_vlm.train.ds_config import teacher_zero3_config
     from taid_vlm.train.launch_env import all_reduce_sum, barrier, init_distributed
     from taid_vlm.train.teacher import Teacher
+    from taid_vlm.train.zero3 import gathered
     from taid_vlm.train.trainer import DTYPES, _shards, build_role_model, to_device
 
     if logprob_dtype not in fmt.DTYPE_CODES:
@@ -163,12 +164,7 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     t_dtype = DTYPES[cfg.teacher.dtype] if cfg.teacher.dtype else (torch.bfloat16 if bf16 else torch.float32)
     ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
     teacher = Teacher(model, cfg.teacher.placement, device, t_dtype, ds_t)
-    gather = None
-    if cfg.teacher.placement == "zero3":
-        import deepspeed
-
-        gather = lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=None)  # noqa: E731
-    fingerprint = weights_fingerprint(teacher.model, gather)
+    fingerprint = weights_fingerprint(teacher.model, gathered)
 
     caption = cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION
     data_cfg = {"caption_instruction": caption, "text_only": cfg.data.text_only}

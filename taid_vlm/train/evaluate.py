@@ -18,6 +18,7 @@ import torch
 
 from .launch_env import all_reduce_sum
 from .objective import hidden_at
+from .zero3 import gathered
 
 METRICS = ("kl", "top1_agreement", "student_ce", "teacher_ce", "student_acc", "teacher_acc")
 
@@ -47,15 +48,6 @@ def metric_sums(h_s, w_s, h_t, w_t, targets, chunk: int = 256, teacher_topk: Opt
             sums["teacher_ce"] += float(-logp.gather(-1, y[:, None]).sum())
             sums["teacher_acc"] += float((top1 == y).sum())
     return sums
-
-
-def _student_weight(objective):
-    weight = objective.student.output_weight()
-    if hasattr(weight, "ds_id"):  # ZeRO-3: gather the partitioned lm_head for the duration
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([weight], modifier_rank=None), weight
-    return contextlib.nullcontext(), weight
 
 
 def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
@@ -91,7 +83,8 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
             with torch.no_grad():
                 h_s = hidden_at(objective.student, s_in)
                 h_t = teacher.hidden(batch["teacher"]) if teacher is not None else None
-                ctx, w_s = _student_weight(objective)
+                w_s = objective.student.output_weight()
+                ctx = gathered(w_s)
                 t_ctx = teacher.output_weight() if teacher is not None else contextlib.nullcontext(None)
                 with ctx, t_ctx as w_t:
                     sums = metric_sums(h_s, w_s[:vocab_size], h_t, w_t[:vocab_size] if w_t is not None else None,

@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 import torch
 
 from .objective import hidden_at
+from .zero3 import gathered
 
 
 class Teacher:
@@ -34,10 +35,5 @@ class Teacher:
     @contextlib.contextmanager
     def output_weight(self) -> Iterator[torch.Tensor]:
         weight = self.model.output_weight()
-        if self.placement == "zero3":
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-                yield weight
-        else:
+        with gathered(weight):
             yield weight
