@@ -1,19 +1,13 @@
 """mean_over_ranks with two real gloo processes, and a TAID schedule that stays in sync with it."""
 
 import json
-import socket
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from taid_vlm.distributed import mean_over_ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from taid_vlm.train.launch_env import free_port
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -37,7 +31,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_mean_over_two_gloo_ranks(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["means"] == pytest.approx([15.0 / s for s in range(1, 6)], rel=1e-12)

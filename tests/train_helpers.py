@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from taid_vlm.train.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -17,12 +18,6 @@ BIN = Path(sys.executable).parent
 def env() -> dict:
     # One BLAS thread per process: two processes on two cores thrash otherwise.
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_cmd(config: str, out: Path, *overrides: str, nproc: int = 1) -> list[str]:
