@@ -92,3 +92,23 @@ def test_text_student_exports_as_a_causal_lm(tmp_path):
     with torch.no_grad():
         assert torch.equal(lm(input_ids=ids).logits, student(ids, torch.ones_like(ids)))
     assert tok.chat_template  # the template training rendered conversations with
+
+
+def test_why_open_clip_towers_do_not_convert():
+    """The reason the export gives for open_clip towers, measured: the same geometry and normalisation in
+    an HF CLIPImageProcessor gives other pixels for some image sizes (crop offset rounding)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    tower = build_model(load_cfg("tiny_vlm_teacher")).vision
+    size = tower.image_size[0]
+    norm = tower.image_transform.transforms[-1]
+    hf = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                            image_mean=list(norm.mean), image_std=list(norm.std), resample=3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size + 3, 3), dtype=np.uint8))
+    ours = tower.image_transform(image)
+    theirs = hf(images=image, return_tensors="pt")["pixel_values"][0]
+    assert float((ours - theirs).abs().max()) > 0.1  # a 1-pixel shift of the crop window
+    # open_clip crops from column round(3 / 2) = 2, HF from 3 // 2 = 1: the same pixels, one column apart
+    assert torch.allclose(ours[:, :, :-1], theirs[:, :, 1:], atol=1e-5)

@@ -15,7 +15,7 @@ The mapping is exact (same arithmetic, same weights; tests/test_export_hf.py che
   image processor                   -> the tower's own HF image processor, the one training used
   tokenizer, image token, chat template (the one training rendered with) -> ``LlavaProcessor``
 
-Anything else (open_clip towers, pixel-shuffle projectors, a GELU variant Llava does not use) raises
+Anything else (open_clip towers: see _vision_reason; pixel-shuffle projectors; other GELU variants) raises
 ``NoStandardEquivalent`` with the reason.
 """
 
@@ -44,8 +44,21 @@ def _projector_layout(projector: nn.Module) -> Tuple[str, nn.Linear, Optional[nn
         if net[1].approximate != "none":
             raise NoStandardEquivalent(f"projector GELU(approximate={net[1].approximate!r}) is not Llava's erf GELU")
         return "gelu", net[0], net[2]
+    if type(projector).__name__ == "PixelShuffleMLP":
+        raise NoStandardEquivalent("projector PixelShuffleMLP has no Llava equivalent (HF InternVL has the same "
+                                   "pixel-shuffle + LayerNorm-Linear-GELU-Linear projector, but only behind its own "
+                                   "InternViT tower, image tiling and <img> wrapper tokens)")
     raise NoStandardEquivalent(f"projector {type(projector).__name__} has no Llava equivalent "
                                "(only linear and mlp2x_gelu map onto LlavaMultiModalProjector)")
+
+
+def _vision_reason(vision) -> str:
+    if type(vision).__name__ == "OpenClipVisionEncoder":
+        # Checked: the ViT weights would map onto CLIPVisionModel, but the pixels would not be the same.
+        return ("vision tower OpenClipVisionEncoder: its image transform has no exact HF image processor "
+                "(torchvision's CenterCrop rounds the crop offset half-to-even where HF processors floor it, a "
+                "1-pixel shift for some image sizes; the torchvision-backend resize differs too)")
+    return f"vision tower {type(vision).__name__} is not a Hugging Face CLIP/SigLIP tower"
 
 
 def llava_processor(image_processor, tokenizer, image_token: str, patch_size: int, select_strategy: str,
@@ -76,9 +89,15 @@ def composed_to_llava(model, chat_template: Optional[str]):
     from .hf_vision_tower import HFVisionEncoder
 
     vision = model.vision
+    reasons = []
     if not isinstance(vision, HFVisionEncoder):
-        raise NoStandardEquivalent(f"vision tower {type(vision).__name__} is not a Hugging Face CLIP/SigLIP tower")
-    act, linear_1, linear_2 = _projector_layout(model.projector)
+        reasons.append(_vision_reason(vision))
+    try:
+        act, linear_1, linear_2 = _projector_layout(model.projector)
+    except NoStandardEquivalent as e:
+        reasons.append(str(e))
+    if reasons:
+        raise NoStandardEquivalent("; ".join(reasons))
     vision_cfg = copy.deepcopy(vision.model.config)
     text_cfg = copy.deepcopy(model.llm.config)
     text_cfg.use_cache = True  # training switched the cache off; generation wants it

@@ -1,9 +1,9 @@
 """A student as the standard Hugging Face model it is (or is equivalent to): ``(hf_model, processor)``.
 
 - ``hf_vlm`` (a stock HF VLM behind the adapter): the wrapped model itself (``model.hf``), with the
-  family's full processor. An adapter that holds one exposes it as ``model.hf_processor`` (a
-  ``ProcessorMixin``: tokenizer + image processor + chat template); for ``llava`` without one, a
-  ``LlavaProcessor`` is assembled from the adapter's image processor and tokenizer.
+  family's full processor when the adapter holds one as ``model.processor`` (a ``ProcessorMixin``:
+  tokenizer + image processor + chat template); when ``model.processor`` is only an image processor
+  (the fixed-size ``llava`` path), a ``LlavaProcessor`` is assembled from it and the tokenizer.
 - ``composed``: the nearest stock class when every part maps exactly (export_llava.py), else
   ``NoStandardEquivalent`` saying which part does not.
 ``chat_template`` is the template training rendered with; it goes into the processor so that
@@ -30,13 +30,16 @@ def _wrapped_hf_model(model, chat_template: Optional[str]):
     hf.config.use_cache = True  # training switched the cache off; generation wants it
     text_cfg = hf.config.get_text_config()
     text_cfg.use_cache = True
-    processor = getattr(model, "hf_processor", None)
-    if processor is not None:
+    from transformers import ProcessorMixin
+
+    processor = getattr(model, "processor", None)
+    if isinstance(processor, ProcessorMixin):  # the family's full processor: saved as it is
         if chat_template is not None:
             processor.chat_template = chat_template
         return hf, processor
     if hf.config.model_type != "llava":
-        raise NoStandardEquivalent(f"the {hf.config.model_type!r} adapter exposes no processor (model.hf_processor)")
+        raise NoStandardEquivalent(f"the {hf.config.model_type!r} adapter holds no full processor (model.processor "
+                                   "is not a transformers ProcessorMixin)")
     vc = hf.config.vision_config
     has_cls = vc.model_type in ("clip_vision_model", "clip")
     processor = llava_processor(model.processor, model.tokenizer, model.input_spec.image_token, vc.patch_size,
