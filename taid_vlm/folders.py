@@ -4,7 +4,8 @@
 without an error, it is renamed to ``dest`` (an existing ``dest`` is moved aside first and deleted
 last, so a crash at any point leaves either the old or the new folder, never a mix). A non-empty
 ``dest`` is refused unless ``overwrite``; a failure removes the staging folder and leaves ``dest`` as
-it was.
+it was. Staging folders left by a killed process (``.DEST.tmp-*``, ``.DEST.old-*``) are removed
+by the next write to the same destination.
 
 Permissions follow the umask, as for any file a user writes. safetensors (>= 0.7) writes its files
 through the Rust ``tempfile`` crate (mode 0600) and ``tempfile.mkdtemp`` makes 0700 folders, so without
@@ -66,6 +67,8 @@ def staged_folder(dest: Path, overwrite: bool = False, protect: tuple = ()) -> I
     dest = Path(dest)
     check_destination(dest, overwrite, protect)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed (SIGKILL, power loss)
     stage = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     stage.mkdir()
     try:

@@ -51,6 +51,16 @@ def test_composed_student_exports_as_llava(tmp_path, vision, projector, options,
         assert list(AutoProcessor.from_pretrained(tmp_path / "out").image_processor.image_mean) == [0.4, 0.5, 0.6]
 
 
+def test_bf16_student_exports_in_bf16(tmp_path):
+    cfg = with_changes(load_cfg("tiny_vlm_student"), dtype="bfloat16", vision={"type": "hf", "config": CLIP},
+                       projector={"type": "mlp2x_gelu"})
+    student = perturb(build_model(cfg))
+    assert write_student(student, tmp_path / "out") == FORMAT_HF_VLM
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    # bf16: a padded batch rounds differently from one sample (1 bf16 ulp at |logit| ~1.4 is 0.0078)
+    assert_export_matches(student, tmp_path / "out", held_out_samples(), atol=2e-2)
+
+
 def llava_student():
     from test_models_hf_vlm import llava_cfg
 

@@ -73,6 +73,12 @@ def test_a_crash_leaves_no_half_written_folder_and_keeps_the_old_one(tmp_path):
             (stage / "model.safetensors").write_text("half")
             raise RuntimeError("disk on fire")
     assert tree(dest) == {"good.txt": b"last good export"} and leftovers(tmp_path) == []
+    # a killed export (no chance to clean up) leaves its staging folder; the next export removes it
+    (tmp_path / ".out.tmp-deadbeef").mkdir()
+    (tmp_path / ".out.tmp-deadbeef" / "half.safetensors").write_text("half")
+    with staged_folder(dest, overwrite=True) as stage:
+        (stage / "model.safetensors").write_text("new")
+    assert tree(dest) == {"model.safetensors": b"new"} and leftovers(tmp_path) == []
 
 
 def test_destinations_that_would_swallow_the_checkpoint_or_are_files_are_refused(tmp_path):
