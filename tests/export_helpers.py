@@ -33,6 +33,20 @@ def held_out_samples(seed: int = 0) -> list:
     ]
 
 
+def content_lists(messages, image_token: str) -> list:
+    """The same conversation in the list form that transformers and lmms-eval use."""
+    out = []
+    for m in messages:
+        parts = []
+        for i, piece in enumerate(m["content"].split("<image>")):
+            if i:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
 def assert_export_matches(student, out_dir: Path, samples, atol: float = 1e-5) -> dict:
     """Load ``out_dir`` with stock transformers only; the processor's token ids equal our rendering, the
     HF logits equal the student's logits on our padded batch (fp32), and ``generate`` continues greedily
@@ -51,6 +65,9 @@ def assert_export_matches(student, out_dir: Path, samples, atol: float = 1e-5) -
         text = processor.apply_chat_template(sample.messages, tokenize=False)
         enc = processor(text=text, images=sample.images, return_tensors="pt")
         assert enc["input_ids"][0].tolist() == r.input_ids, sample.key
+        as_lists = processor.apply_chat_template(content_lists(sample.messages, student.input_spec.image_token),
+                                                 tokenize=False)
+        assert as_lists == text, sample.key  # the {"type": "image"} form renders the same text
         assert torch.equal(enc["pixel_values"].to(r.pixel_values.dtype), r.pixel_values), sample.key
         with torch.no_grad():
             theirs = hf(**enc).logits[0].float()

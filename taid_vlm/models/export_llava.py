@@ -13,7 +13,8 @@ The mapping is exact (same arithmetic, same weights; tests/test_export_hf.py che
                                        with zero bias (exact: x @ I adds only zeros), at the cost of H*H weights
   LM (HF causal LM)                 -> ``model.language_model`` (its base model) + ``lm_head``
   image processor                   -> the tower's own HF image processor, the one training used
-  tokenizer, image token, chat template (the one training rendered with) -> ``LlavaProcessor``
+  tokenizer, image token, chat template (the one training rendered with; list contents such as
+  ``{"type": "image"}`` are accepted too, see accept_content_lists) -> ``LlavaProcessor``
 
 Anything else (open_clip towers: see _vision_reason; pixel-shuffle projectors; other GELU variants) raises
 ``NoStandardEquivalent`` with the reason.
@@ -26,9 +27,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
-
-_CLS_TOWERS = {"clip_vision_model", "clip"}
-
 
 class NoStandardEquivalent(ValueError):
     """The model has a part with no faithful standard Hugging Face counterpart (the message says which)."""
@@ -61,6 +59,28 @@ def _vision_reason(vision) -> str:
     return f"vision tower {type(vision).__name__} is not a Hugging Face CLIP/SigLIP tower"
 
 
+def accept_content_lists(template: str, image_token: str) -> str:
+    """``template`` preceded by a step that turns list contents (``[{"type": "image"}, {"type": "text",
+    "text": ...}]``, the form transformers and lmms-eval pass to processors) into the plain strings with
+    image tokens that training rendered. String contents pass through untouched, so the token ids of
+    the training data do not change."""
+    preamble = (
+        "{%- set _norm = namespace(msgs=[]) -%}"
+        "{%- for _m in messages -%}"
+        "{%- if _m['content'] is string -%}{%- set _norm.msgs = _norm.msgs + [_m] -%}"
+        "{%- else -%}{%- set _text = namespace(s='') -%}"
+        "{%- for _c in _m['content'] -%}"
+        "{%- if _c['type'] == 'image' -%}{%- set _text.s = _text.s + " + repr(image_token) + " -%}"
+        "{%- elif _c['type'] == 'text' -%}{%- set _text.s = _text.s + _c['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set _norm.msgs = _norm.msgs + [{'role': _m['role'], 'content': _text.s}] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = _norm.msgs -%}"
+    )
+    return preamble + template
+
+
 def llava_processor(image_processor, tokenizer, image_token: str, patch_size: int, select_strategy: str,
                     has_cls: bool, chat_template: Optional[str], tokens_per_image: int):
     """A LlavaProcessor that expands ``image_token`` exactly as the model expects, checked on one image."""
@@ -69,7 +89,8 @@ def llava_processor(image_processor, tokenizer, image_token: str, patch_size: in
 
     processor = LlavaProcessor(image_processor=copy.deepcopy(image_processor), tokenizer=tokenizer,
                                patch_size=patch_size, vision_feature_select_strategy=select_strategy,
-                               chat_template=chat_template, image_token=image_token,
+                               chat_template=accept_content_lists(chat_template, image_token) if chat_template else None,
+                               image_token=image_token,
                                num_additional_image_tokens=1 if has_cls else 0)
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
     if processor.image_token_id != image_token_id:
@@ -84,7 +105,7 @@ def llava_processor(image_processor, tokenizer, image_token: str, patch_size: in
 
 def composed_to_llava(model, chat_template: Optional[str]):
     """(LlavaForConditionalGeneration, LlavaProcessor) computing exactly what the composed ``model`` computes."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, LlavaConfig
 
     from .hf_vision_tower import HFVisionEncoder
 
@@ -110,7 +131,7 @@ def composed_to_llava(model, chat_template: Optional[str]):
                          tie_word_embeddings=bool(getattr(text_cfg, "tie_word_embeddings", False)))
     if linear_2 is not None and (linear_2.bias is None) != (linear_1.bias is None):
         raise NoStandardEquivalent("projector: Llava's two linears both have a bias or neither has")
-    hf = LlavaForConditionalGeneration(config)
+    hf = AutoModelForImageTextToText.from_config(config, dtype=model.dtype)  # LlavaForConditionalGeneration
     with torch.no_grad():
         hf.model.vision_tower.load_state_dict(vision.model.state_dict())
         proj = hf.model.multi_modal_projector
@@ -124,7 +145,7 @@ def composed_to_llava(model, chat_template: Optional[str]):
         hf.model.language_model.load_state_dict(model.llm.base_model.state_dict())
         hf.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
     hf.generation_config = copy.deepcopy(model.llm.generation_config)
-    hf.to(model.dtype).eval()
+    hf.eval()
     processor = llava_processor(vision.processor, model.tokenizer, model.input_spec.image_token,
                                 vision_cfg.patch_size, strategy, vision.has_cls, chat_template, model.tokens_per_image)
     return hf, processor
