@@ -3,8 +3,8 @@ stock Llava folder that reproduces the trained student's held-out logits and CE 
 
 from __future__ import annotations
 
-import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from taid_vlm.data.skips import SkipCounter
 from taid_vlm.train.export import load_student
 
 from export_helpers import assert_export_matches
-from tests.train_helpers import BIN, CONFIGS, run, train_cmd
+from tests.train_helpers import BIN, CONFIGS, env, run, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -101,10 +101,6 @@ def test_trained_hf_tower_student_exports_as_llava_and_reproduces_held_out_logit
 
 
 def run_cli_expect_failure(out: Path, export: Path) -> str:
-    import subprocess
-
-    from tests.train_helpers import env
-
     proc = subprocess.run([str(BIN / "taid-vlm"), "export", str(out), str(export)], env=env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

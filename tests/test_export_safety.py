@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from taid_vlm.folders import DestinationError, staged_folder
 from taid_vlm.models import build_model, save_model

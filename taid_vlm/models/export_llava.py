@@ -89,7 +89,7 @@ def llava_processor(image_processor, tokenizer, image_token: str, patch_size: in
 
     processor = LlavaProcessor(image_processor=copy.deepcopy(image_processor), tokenizer=tokenizer,
                                patch_size=patch_size, vision_feature_select_strategy=select_strategy,
-                               chat_template=accept_content_lists(chat_template, image_token) if chat_template else None,
+                               chat_template=chat_template and accept_content_lists(chat_template, image_token),
                                image_token=image_token,
                                num_additional_image_tokens=1 if has_cls else 0)
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
