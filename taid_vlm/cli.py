@@ -30,10 +30,14 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from taid_vlm.train.export import export_student
+    from taid_vlm.train.export import ExportError, export_student
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    export_student(args.checkpoint, args.out_dir)
+    try:
+        export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    except ExportError as e:  # user errors: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -88,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write the student of a checkpoint as a Hugging Face model folder")
     e.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run's output dir (latest)")
-    e.add_argument("out_dir")
+    e.add_argument("out_dir", help="a new or empty folder (written beside it, then renamed into place)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (never merged into it)")
     e.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="end to end on a CPU in minutes: teacher VLM, TAID and SFT students, report",

@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Optional, Union
 
+from taid_vlm.folders import apply_umask
+
 CONFIG_FILE = "taid_model.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
@@ -29,14 +31,20 @@ def save_model(model, directory: Union[str, Path], state_dict: Optional[dict] = 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        model.write_weights(tmp, state_dict)
-        payload = {"format_version": FORMAT_VERSION, "model": model.export_config()}
-        (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_model_files(model, tmp, state_dict)
+        apply_umask(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600 files
         _swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def write_model_files(model, directory: Path, state_dict: Optional[dict] = None) -> None:
+    """The files of a saved model, written into the existing folder ``directory`` as they are (no swap)."""
+    model.write_weights(Path(directory), state_dict)
+    payload = {"format_version": FORMAT_VERSION, "model": model.export_config()}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _swap_into_place(tmp: Path, directory: Path) -> None:

@@ -1,21 +1,40 @@
-"""`taid-vlm export CHECKPOINT OUT_DIR`: the trained student as a Hugging Face model folder.
+"""`taid-vlm export CHECKPOINT OUT_DIR [--overwrite]`: the trained student as a standard Hugging Face folder.
 
-ZeRO-1/2/3 checkpoints are consolidated from their fp32 partitions with DeepSpeed's own
-zero_to_fp32; ZeRO-0 checkpoints hold the module state directly. Text-only students are written as a
-plain transformers folder (AutoModelForCausalLM.from_pretrained(OUT_DIR)); VLM students in the
-taid-vlm format (load_model(OUT_DIR)), whose llm/ subfolder is itself a transformers causal LM.
+What OUT_DIR holds:
+- text-only student: a plain transformers causal LM + tokenizer (``AutoModelForCausalLM.from_pretrained``);
+- ``hf_vlm`` student: the same HF class it was trained as, with its processor;
+- composed student whose parts have a stock equivalent (HF CLIP/SigLIP tower + linear/mlp2x_gelu
+  projector + HF causal LM): a Llava folder (``AutoModelForImageTextToText`` + ``AutoProcessor``);
+- any other composed student: a warning that says which part has no standard equivalent, and the
+  taid-vlm format (``taid_vlm.models.load_model(OUT_DIR)``; its ``llm/`` is a transformers causal LM).
+
+The folder is written beside OUT_DIR and renamed into place at the end (a crash leaves no half-written
+OUT_DIR); a non-empty OUT_DIR is refused unless ``overwrite`` (then replaced, never merged); files get
+the umask's permissions. ZeRO-1/2/3 checkpoints are consolidated from their fp32 partitions with
+DeepSpeed's own zero_to_fp32; ZeRO-0 checkpoints hold the module state directly.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Tuple
 
 import torch
+
+from taid_vlm.folders import DestinationError, check_destination, staged_folder
 
 from .checkpoint import resolve_checkpoint
 
 log = logging.getLogger("taid_vlm.export")
+
+FORMAT_CAUSAL_LM = "transformers causal LM"
+FORMAT_HF_VLM = "transformers image-text-to-text"
+FORMAT_TAID = "taid-vlm"
+
+
+class ExportError(ValueError):
+    """A user error in an export request; the message is one line: ``<what> (<where>)``."""
 
 
 def consolidated_student_state(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -34,13 +53,22 @@ def _model_states_file(checkpoint: Path) -> Path:
     for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (checkpoint / pattern).is_file():
             return checkpoint / pattern
-    raise FileNotFoundError(f"{checkpoint}: no DeepSpeed model states (not a DeepSpeed checkpoint?)")
+    raise ExportError(f"no DeepSpeed model states in the checkpoint folder ({checkpoint})")
 
 
-def export_student(checkpoint: Path, out_dir: Path) -> Path:
+def _resolve(checkpoint: Path) -> Path:
+    try:
+        return resolve_checkpoint(Path(checkpoint))
+    except FileNotFoundError:
+        raise ExportError(f"no complete checkpoint: expected a run folder, its checkpoints/ folder or a step "
+                          f"folder holding COMPLETE ({checkpoint})") from None
+
+
+def load_student(checkpoint: Path) -> Tuple[object, Path]:
+    """(the student with its trained weights, the step folder they came from)."""
     from taid_vlm.models import build_model
 
-    checkpoint = resolve_checkpoint(Path(checkpoint))
+    checkpoint = _resolve(checkpoint)
     client = torch.load(_model_states_file(checkpoint), map_location="cpu", weights_only=False)
     # Only the two fields export needs are read back, so checkpoints outlive renames of other keys.
     saved = client["config"]
@@ -53,14 +81,66 @@ def export_student(checkpoint: Path, out_dir: Path) -> Path:
     tied = {k for k in missing if any(reference[k] is reference[o] or reference[k].data_ptr() == reference[o].data_ptr()
                                       for o in state if o in reference)}
     if set(missing) - tied:
-        raise KeyError(f"{checkpoint}: student weights missing from the checkpoint: {sorted(set(missing) - tied)[:5]}")
+        raise ExportError(f"student weights missing from the checkpoint, e.g. {sorted(set(missing) - tied)[:3]} "
+                          f"({checkpoint})")
     student.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items() if k in reference}, strict=False)
+    student.eval()
+    return student, checkpoint
+
+
+def training_chat_template(student) -> str:
+    """The chat template the data pipeline rendered this student's conversations with."""
+    from taid_vlm.data.render import resolve_template
+
+    return resolve_template(student.input_spec)
+
+
+def write_student(student, out_dir: Path, overwrite: bool = False, protect: tuple = ()) -> str:
+    """Write ``student`` to ``out_dir`` (see the module docstring); returns the format written."""
+    from taid_vlm.models.hf_export import NoStandardEquivalent, standard_hf_model
+    from taid_vlm.models.io import write_model_files
+
     out_dir = Path(out_dir)
-    if student.kind == "causal_lm":
-        out_dir.mkdir(parents=True, exist_ok=True)
-        student.llm.save_pretrained(str(out_dir))
-        student.tokenizer.save_pretrained(str(out_dir))
-    else:
-        student.save_pretrained(out_dir)
-    log.info("exported the student of %s to %s", checkpoint, out_dir)
+    try:
+        check_destination(out_dir, overwrite, protect)
+    except DestinationError as e:
+        raise ExportError(str(e)) from None
+    template = training_chat_template(student)
+    hf_model = processor = None
+    if student.kind != "causal_lm":
+        try:
+            hf_model, processor = standard_hf_model(student, template)
+        except NoStandardEquivalent as e:
+            log.warning("the student cannot leave as a standard Hugging Face model: %s; writing the taid-vlm format "
+                        "instead (load it with taid_vlm.models.load_model; its llm/ folder is a transformers "
+                        "causal LM)", e)
+    try:
+        with staged_folder(out_dir, overwrite, protect) as stage:
+            if student.kind == "causal_lm":
+                if getattr(student.tokenizer, "chat_template", None) is None:
+                    student.tokenizer.chat_template = template
+                student.llm.config.use_cache = True  # training switched the cache off; generation wants it
+                student.llm.save_pretrained(str(stage))
+                student.tokenizer.save_pretrained(str(stage))
+                return FORMAT_CAUSAL_LM
+            if hf_model is not None:
+                hf_model.save_pretrained(str(stage))
+                processor.save_pretrained(str(stage))
+                return FORMAT_HF_VLM
+            write_model_files(student, stage)
+            return FORMAT_TAID
+    except DestinationError as e:
+        raise ExportError(str(e)) from None
+
+
+def export_student(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    out_dir = Path(out_dir)
+    checkpoint = _resolve(checkpoint)
+    try:  # before the (slow) load: a refused destination costs nothing
+        check_destination(out_dir, overwrite, protect=(checkpoint,))
+    except DestinationError as e:
+        raise ExportError(str(e)) from None
+    student, checkpoint = load_student(checkpoint)
+    fmt = write_student(student, out_dir, overwrite, protect=(checkpoint,))
+    log.info("exported the student of %s to %s (%s format)", checkpoint, out_dir, fmt)
     return out_dir
