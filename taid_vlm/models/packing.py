@@ -33,7 +33,8 @@ def packing_refusal(llm) -> Optional[str]:
     model_type = getattr(llm.config, "model_type", None)
     attn = getattr(llm.config, "_attn_implementation", None)
     if model_type not in PACKABLE_MODEL_TYPES:
-        return f"model type {model_type!r} is not one packing can isolate documents for ({', '.join(PACKABLE_MODEL_TYPES)})"
+        return (f"model type {model_type!r} is not one packing can isolate documents for "
+                f"({', '.join(PACKABLE_MODEL_TYPES)})")
     if attn not in PACKABLE_ATTENTION:
         return f"attn_implementation {attn!r} is not one packing supports ({', '.join(PACKABLE_ATTENTION)})"
     return None
