@@ -81,8 +81,9 @@ def pixel_shuffle(x: torch.Tensor, grid: Tuple[int, int], factor: int) -> torch.
 
     A grid that f does not divide (SigLIP-so400m at 384 px / patch 14: 27 x 27) is first padded with
     zero patches at the bottom and right to a multiple of f (a bilinear resize of the feature map, as
-    LLaVA-OneVision does, would alter every real patch instead); a grid that f divides is unchanged. Within a block the channels are ordered (row
-    offset, column offset, channel), row-major; output tokens keep the row-major order of the blocks.
+    LLaVA-OneVision does, would alter every real patch instead); a grid that f divides is unchanged.
+    Within a block the channels are ordered (row offset, column offset, channel), row-major; output
+    tokens keep the row-major order of the blocks.
     """
     b, n, d = x.shape
     h, w = grid
