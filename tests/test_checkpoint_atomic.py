@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from tests.train_helpers import env
+from tests.train_helpers import SUBPROCESS_TIMEOUT_S, env
 
 SCRIPT = textwrap.dedent(
     """
@@ -59,13 +59,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(300)
 def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path):
     from taid_vlm.train.checkpoint import COMPLETE, latest_checkpoint
 
     root = tmp_path / "checkpoints"
     write = subprocess.run([sys.executable, "-c", SCRIPT, str(root), "write"], env=env(), capture_output=True,
-                           text=True, timeout=240)
+                           text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert write.returncode == -9, write.stderr[-3000:]  # killed, as planned
     saved = {int(k): v for k, v in json.loads(write.stdout.strip().splitlines()[-1]).items()}
     assert (root / ".tmp-step00000015").is_dir()  # the half-written checkpoint
@@ -75,7 +74,7 @@ def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in root.glob("step*")) == ["step00000005", "step00000010"]
 
     load = subprocess.run([sys.executable, "-c", SCRIPT, str(root), "load"], env=env(), capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert load.returncode == 0, load.stderr[-3000:]
     got = json.loads(load.stdout.strip().splitlines()[-1])
     assert got["tag"] == "step00000010" and got["client_step"] == 10 and got["rank_state"] == {"rank": 0}

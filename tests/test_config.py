@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from taid_vlm.config import ConfigError, apply_override, load_config
-from tests.train_helpers import BIN, CONFIGS, env
+from tests.train_helpers import BIN, CONFIGS, SUBPROCESS_TIMEOUT_S, env
 
 
 def test_tiny_configs_load_and_resolve_paths():
@@ -67,7 +67,7 @@ def test_override_syntax_errors():
 def test_cli_reports_config_errors_before_anything_heavy(tmp_path):
     proc = subprocess.run([str(BIN / "taid-vlm"), "train", str(CONFIGS / "tiny_vlm.yaml"), "--output-dir",
                            str(tmp_path), "optim.betaz=[0.9, 0.9]"], env=env(), capture_output=True, text=True,
-                          timeout=120)
+                          timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 2
     assert "config error: optim.betaz: unknown key" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()

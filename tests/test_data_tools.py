@@ -13,6 +13,7 @@ from data_tools.check_shards import main as check_main
 from data_tools.synth_shapes import synth
 from taid_vlm.data import decode_sample, read_shard
 from taid_vlm.data.skips import SkipCounter
+from tests.train_helpers import SUBPROCESS_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def test_check_shards_json_cli(tmp_path, tiny_tokenizer):
                                          {"__key__": "badj", "jpg": jpg(), "json": b"[1,"}])
     out = subprocess.run([sys.executable, "-m", "data_tools.check_shards", str(tmp_path / "s"), "--tokenizer",
                           str(tmp_path / "tok"), "--json", "--strict"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=SUBPROCESS_TIMEOUT_S)
     assert out.returncode == 1, out.stderr  # --strict: bad samples exist
     rep = json.loads(out.stdout)
     assert rep["samples"] == 2 and rep["images"] == 2 and rep["bad"] == 2
@@ -78,5 +79,5 @@ def test_synth_shapes_deterministic_and_about_shapes(tmp_path, capsys):
 @pytest.mark.parametrize("tool", ["make_shards", "check_shards", "synth_shapes"])
 def test_help(tool):
     out = subprocess.run([sys.executable, "-m", f"data_tools.{tool}", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert out.returncode == 0 and "usage:" in out.stdout and "--" in out.stdout

@@ -29,7 +29,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
 def test_mean_over_two_gloo_ranks(tmp_path):
     mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0 = json.loads((tmp_path / "rank0.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from taid_vlm.cli import main
+from tests.train_helpers import SUBPROCESS_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,6 @@ def _png_ok(path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_compare_text_only_two_losses_two_seeds(tmp_path):
     """Real runs of the LLM path: aggregation over seeds, same init per seed, table + plot."""
     out = tmp_path / "cmp"
@@ -84,7 +84,8 @@ def test_compare_text_only_two_losses_two_seeds(tmp_path):
            "--losses", "taid,fkl", "--seeds", "2", "--steps", "3", "--out", str(out),
            f"data.synthetic_dir={tmp_path / 'data'}", f"data.train={tmp_path / 'data/train'}",
            f"data.val={tmp_path / 'data/val'}", "data.synthetic.n=80", "train.eval_batches=2"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=str(REPO))
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                          cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((out / "compare.json").read_text())
     assert payload["losses"] == ["taid", "fkl"] and payload["seeds"] == [0, 1]
@@ -107,17 +108,16 @@ def test_compare_text_only_two_losses_two_seeds(tmp_path):
     # finished identical runs are reused, not retrained
     # finished identical runs are reused, not retrained, also from a different sweep (here: one seed)
     assert cmd[7:9] == ["--seeds", "2"]
-    again = subprocess.run(cmd[:8] + ["1"] + cmd[9:], env=_env(), capture_output=True, text=True, timeout=900,
-                           cwd=str(REPO))
+    again = subprocess.run(cmd[:8] + ["1"] + cmd[9:], env=_env(), capture_output=True, text=True,
+                           timeout=SUBPROCESS_TIMEOUT_S, cwd=str(REPO))
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 2, again.stdout[-2000:]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_demo_quick_writes_report_and_plots(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "taid_vlm.cli", "demo", "--quick", "--out", str(out)], env=_env(),
-                          capture_output=True, text=True, timeout=900, cwd=str(REPO))
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert stage in proc.stdout

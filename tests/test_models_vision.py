@@ -178,11 +178,37 @@ def test_pixel_shuffle_merges_2x2_neighbours_row_major():
             assert torch.equal(out[0, bi * 2 + bj], expected)
 
 
-def test_pixel_shuffle_needs_an_even_grid_without_cls():
+def test_pixel_shuffle_needs_a_grid_without_cls():
     with pytest.raises(ValueError, match="pixel_shuffle_mlp needs vision tokens on a grid without a CLS token"):
         build_projector({"type": "pixel_shuffle_mlp"}, 24, 40, (4, 4), 17)
-    with pytest.raises(ValueError, match=r"model.projector.factor: patch grid 5x5 is not divisible by 2"):
-        build_projector({"type": "pixel_shuffle_mlp"}, 24, 40, (5, 5), 25)
+
+
+def _plain_shuffle(x, h, w, f):
+    """The reference for a grid f divides: blocks of f x f patches, no padding."""
+    b, _, d = x.shape
+    return x.reshape(b, h // f, f, w // f, f, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (h // f) * (w // f), f * f * d)
+
+
+def test_pixel_shuffle_even_grid_unchanged_and_odd_grid_zero_padded():
+    d = 3
+    even = torch.randn(2, 4 * 6, d)
+    assert torch.equal(pixel_shuffle(even, (4, 6), 2), _plain_shuffle(even, 4, 6, 2))
+
+    h, w = 5, 7  # odd both ways: padded to 6 x 8 with zero patches at the bottom and right
+    odd = torch.randn(2, h * w, d)
+    out = pixel_shuffle(odd, (h, w), 2)
+    assert out.shape == (2, 3 * 4, 4 * d)
+    padded = torch.zeros(2, 6, 8, d)
+    padded[:, :h, :w] = odd.reshape(2, h, w, d)
+    assert torch.equal(out, _plain_shuffle(padded.reshape(2, 48, d), 6, 8, 2))
+    assert torch.equal(out[0, -1], torch.cat([padded[0, 4, 6], torch.zeros(3 * d)]))  # 1 real patch, 3 pads
+
+    # SigLIP-so400m at 384 px / patch 14: a 27 x 27 grid -> 14 x 14 = 196 image tokens
+    proj = build_projector({"type": "pixel_shuffle_mlp", "factor": 2}, 8, 16, (27, 27), 729)
+    assert proj.num_output_tokens(729) == 196
+    assert proj(torch.randn(1, 729, 8)).shape == (1, 196, 16)
+    with pytest.raises(ValueError, match="built for a 27x27 grid, got 730 tokens"):
+        proj.num_output_tokens(730)
 
 
 def test_unknown_projector_names_the_key_and_the_choices():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import CONFIGS, env, evals, records, run, step_losses, train_cmd
+from tests.train_helpers import CONFIGS, SUBPROCESS_TIMEOUT_S, env, evals, records, run, step_losses, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(shapes, tmp_path)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd("tiny_vlm.yaml", killed, *common), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + SUBPROCESS_TIMEOUT_S
     try:
         while time.time() < deadline:
             if (killed / "metrics.jsonl").exists() and 12 in step_losses(killed):
@@ -193,7 +193,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(shapes_text, t
     out = tmp_path / "run"
     cmd = train_cmd("tiny_text.yaml", out, *data_overrides(shapes_text), f"teacher.model={{saved: {tmp_path / 'nan_teacher'}}}",
                     "train.max_nonfinite_in_a_row=3")
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode != 0
     assert "micro-batch skipped (1 in a row)" in proc.stderr and "(2 in a row)" in proc.stderr
     assert "3 micro-batches in a row had a non-finite loss (at step 1)" in proc.stderr

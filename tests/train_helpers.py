@@ -13,6 +13,8 @@ from taid_vlm.train.launch_env import free_port
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 BIN = Path(sys.executable).parent
+# A hang guard, never a speed limit: a 3x oversubscribed CPU makes a 5-minute run take 15 and more.
+SUBPROCESS_TIMEOUT_S = 1800
 
 
 def env() -> dict:
@@ -29,8 +31,9 @@ def train_cmd(config: str, out: Path, *overrides: str, nproc: int = 1) -> list[s
             "--module", "taid_vlm.train", *args]
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+def run(cmd: list[str], timeout: int = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=str(REPO))
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

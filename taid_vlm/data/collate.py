@@ -4,9 +4,10 @@
 on padding, and concatenates the images of the batch sample-major into ``pixel_values [M, 3, H, W]``
 (None when the batch has no image). ``collate_packed`` lays several documents into one row each,
 restarting ``position_ids`` at 0 for every document; the first token of a document is never
-supervised, so no loss position predicts across a document boundary. Note: ``attention_mask`` is 1
-over all real tokens of a packed row; keeping documents from attending to each other is the model's
-job, from ``position_ids`` (e.g. flash-attention varlen), as with transformers' DataCollatorWithFlattening.
+supervised, so no loss position predicts across a document boundary. ``attention_mask`` is 1 over
+all real tokens of a packed row (it counts tokens; pads sit only at the row end, position 0 each);
+``position_ids`` are what isolates the documents: a model given them drops the 2-D mask and lets
+transformers build per-document attention from them (taid_vlm/models/packing.py).
 Both add ``loss_positions``/``loss_targets`` (align.loss_positions).
 """
 

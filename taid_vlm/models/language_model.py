@@ -81,7 +81,12 @@ def check_language_model(llm, tokenizer, where: str) -> None:
 
 def decoder_hidden_states(llm, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
                           position_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """Final hidden states (after the final norm) of a causal LM, i.e. the input of its lm_head."""
+    """Final hidden states (after the final norm) of a causal LM, i.e. the input of its lm_head.
+    ``position_ids`` given means packed rows: each document is isolated (packing.py)."""
+    if position_ids is not None:
+        from .packing import packed_hidden_states
+
+        return packed_hidden_states(llm, inputs_embeds, attention_mask, position_ids)
     out = llm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False)
     return out.last_hidden_state

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config_checks import check_keys, choose
@@ -70,17 +71,29 @@ def _mlp2x_gelu(vision_dim, llm_dim, grid, num_tokens, where, **options):
     return TokenwiseProjector(nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)))
 
 
-def pixel_shuffle(x: torch.Tensor, grid: Tuple[int, int], factor: int) -> torch.Tensor:
-    """[B, h*w, D] -> [B, (h/f)*(w/f), D*f*f]: each f x f block of neighbouring patches becomes one token.
+def shuffled_grid(grid: Tuple[int, int], factor: int) -> Tuple[int, int]:
+    """Token grid after a pixel shuffle: ceil(h / f) x ceil(w / f) (odd grids are padded first)."""
+    return -(-grid[0] // factor), -(-grid[1] // factor)
 
-    Within a block the channels are ordered (row offset, column offset, channel), row-major; output tokens
-    keep the row-major order of the blocks.
+
+def pixel_shuffle(x: torch.Tensor, grid: Tuple[int, int], factor: int) -> torch.Tensor:
+    """[B, h*w, D] -> [B, ceil(h/f)*ceil(w/f), D*f*f]: each f x f block of neighbouring patches becomes one token.
+
+    A grid that f does not divide (SigLIP-so400m at 384 px / patch 14: 27 x 27) is first padded with
+    zero patches at the bottom and right to a multiple of f (a bilinear resize of the feature map, as
+    LLaVA-OneVision does, would alter every real patch instead); a grid that f divides is unchanged.
+    Within a block the channels are ordered (row offset, column offset, channel), row-major; output
+    tokens keep the row-major order of the blocks.
     """
     b, n, d = x.shape
     h, w = grid
-    x = x.reshape(b, h // factor, factor, w // factor, factor, d)
+    H, W = shuffled_grid(grid, factor)
+    x = x.reshape(b, h, w, d)
+    if (H * factor, W * factor) != (h, w):
+        x = F.pad(x, (0, 0, 0, W * factor - w, 0, H * factor - h))
+    x = x.reshape(b, H, factor, W, factor, d)
     x = x.permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // factor) * (w // factor), factor * factor * d)
+    return x.reshape(b, H * W, factor * factor * d)
 
 
 class PixelShuffleMLP(nn.Module):
@@ -95,7 +108,10 @@ class PixelShuffleMLP(nn.Module):
                                  nn.Linear(llm_dim, llm_dim))
 
     def num_output_tokens(self, n_in: int) -> int:
-        return n_in // (self.factor * self.factor)
+        if n_in != self.grid[0] * self.grid[1]:
+            raise ValueError(f"pixel_shuffle_mlp: built for a {self.grid[0]}x{self.grid[1]} grid, got {n_in} tokens")
+        H, W = shuffled_grid(self.grid, self.factor)
+        return H * W
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(pixel_shuffle(x, self.grid, self.factor))
@@ -109,6 +125,4 @@ def _pixel_shuffle_mlp(vision_dim, llm_dim, grid, num_tokens, where, factor: int
     if grid is None or grid[0] * grid[1] != num_tokens:
         raise ValueError(f"{where}.type: pixel_shuffle_mlp needs vision tokens on a grid without a CLS token "
                          f"(got {num_tokens} tokens, grid {grid}); set drop_cls: true on the vision encoder")
-    if grid[0] % factor or grid[1] % factor:
-        raise ValueError(f"{where}.factor: patch grid {grid[0]}x{grid[1]} is not divisible by {factor}")
     return PixelShuffleMLP(vision_dim, llm_dim, grid, factor)

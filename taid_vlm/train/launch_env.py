@@ -15,6 +15,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    DeepSpeed's comm backend builds that op with g++ at the first init of every process that finds no
+    build, into a per-user cache that other checkouts overwrite (measured 150-300 s per start on a busy
+    2-core machine). The op only serves ``inference_all_reduce`` (tensor-parallel inference), which this
+    project never runs, and DeepSpeed falls back to torch.distributed without it (as on non-Linux).
+    ``build_shm_op`` only loads ops marked compatible in ``deepspeed.ops.__compatible_ops__``, a dict
+    probed once per process that keeps edits, so marking it incompatible avoids the compile.
+    Call before the first ``deepspeed.init_distributed`` / ``deepspeed.initialize``."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed; return (rank, world_size, device).
 
@@ -33,6 +48,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    skip_deepspeed_shm_op()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size(), device

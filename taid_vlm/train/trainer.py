@@ -69,6 +69,15 @@ def build_models(cfg: RunConfig):
     if cfg.loss.name != "ce" and cfg.teacher.cache is None:  # a cached teacher is never built
         teacher = build_role_model(cfg.teacher.model, "teacher")
         check_vocab_compatible(teacher, student)
+    if cfg.data.pack:  # refuse before any step a model whose packed documents would attend to each other
+        from taid_vlm.models.packing import check_packable
+
+        for role, model in (("student", student), ("teacher", teacher)):
+            if model is not None:
+                try:
+                    check_packable(model, f"{role}.model")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
     return teacher, student
 
 
