@@ -84,6 +84,19 @@ def specs_from_config(cfg) -> List[Tuple[str, Any]]:
     return specs
 
 
+def config_shards(cfg) -> List[str]:
+    """``data.train`` and ``data.val`` of a config (a spec, a comma-separated string or a list), resolved
+    as the trainer resolves them."""
+    out: List[str] = []
+    for spec in (cfg.data.train, cfg.data.val):
+        if spec is None:
+            continue
+        if isinstance(spec, str) and "," in spec and "{" not in spec:
+            spec = [x.strip() for x in spec.split(",")]
+        out += [cfg.resolve_path(x) for x in (spec if isinstance(spec, list) else [spec])]
+    return out
+
+
 # -- img2dataset's own accounting -----------------------------------------------------------------------
 def img2dataset_stats(shards: Sequence[str]) -> Optional[Dict[str, Any]]:
     """Sum of the ``<shard>_stats.json`` files img2dataset writes beside its ``<shard>.tar``; None if none."""
@@ -247,7 +260,7 @@ def _main(argv: List[str]) -> int:
         text_only = text_only or bool(cfg.data.text_only)
         instruction = instruction or cfg.data.caption_instruction
         if not patterns:
-            patterns = [cfg.resolve_path(p) for p in (cfg.data.train, cfg.data.val) if isinstance(p, str)]
+            patterns = config_shards(cfg)
     elif a.tokenizer:
         if len(a.tokenizer) > 2:
             raise UserError("at most two tokenizers (teacher and student)", "--tokenizer")
