@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: List[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.cache_teacher", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("config")
@@ -33,17 +33,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-compress", action="store_true", help="plain tar companions (default: gzip level 1)")
     ap.add_argument("--overwrite", action="store_true", help="rewrite companion shards that are already finished")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may follow options
 
-    from taid_vlm.config import ConfigError, load_config
+    from taid_vlm.config import load_config
     from taid_vlm.teacher_cache.writer import write_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(a.config, list(a.overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(a.config, list(a.overrides))
     splits = ("train", "val") if a.split == "both" else (a.split,)
     manifest = write_cache(cfg, a.out, k=a.k, splits=splits, batch_size=a.batch_size, logprob_dtype=a.logprob_dtype,
                            overwrite=a.overwrite, compress=not a.no_compress)
@@ -51,6 +47,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         t = manifest["totals"]
         print(json.dumps({"out": a.out, "k": manifest["k"], "vocab_size": manifest["vocab_size"], **t}))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; a config error or a missing path is one ``error:`` line and exit status 2."""
+    from taid_vlm.config import ConfigError
+    from taid_vlm.errors import run_cli
+
+    return run_cli(_main, argv, user_errors=(ConfigError,))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,20 @@ def softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
-def kl(p, q):
+def kl(p, q, skip=None):
+    """KL(p || q) per row; entries where ``skip`` is true are left out of the sum (default: none)."""
     out = np.zeros(p.shape[0])
     for i in range(p.shape[0]):
         for v in range(p.shape[1]):
-            if p[i, v] > 0:
+            if p[i, v] > 0 and (skip is None or not skip[i, v]):
                 out[i] += p[i, v] * (math.log(p[i, v]) - math.log(q[i, v]) if q[i, v] > 0 else math.inf)
     return out
+
+
+def teacher_banned(zt):
+    """The convention of the reference code (DistiLLM / TAID reverse_kl): reverse-KL terms on tokens the
+    teacher bans (logit -inf) are masked out instead of being +inf."""
+    return np.isneginf(np.asarray(zt))
 
 
 def fkl(zs, zt, y, frozen):
@@ -34,7 +41,7 @@ def fkl(zs, zt, y, frozen):
 
 
 def rkl(zs, zt, y, frozen):
-    return kl(softmax(zs), softmax(zt))
+    return kl(softmax(zs), softmax(zt), skip=teacher_banned(zt))
 
 
 def tvd(zs, zt, y, frozen):
@@ -71,7 +78,8 @@ def akl(zs, zt, y, frozen, mu=0.5):
             else:
                 tail += gap
         w_head = head / (head + tail) if head + tail > 0 else 0.5
-        out[i] = w_head * kl(p[i : i + 1], q[i : i + 1])[0] + (1 - w_head) * kl(q[i : i + 1], p[i : i + 1])[0]
+        rkl_i = kl(q[i : i + 1], p[i : i + 1], skip=teacher_banned(zt[i : i + 1]))[0]
+        out[i] = w_head * kl(p[i : i + 1], q[i : i + 1])[0] + (1 - w_head) * rkl_i
     return out
 
 
@@ -82,9 +90,12 @@ def dkd(zs, zt, y, frozen, alpha=1.0, beta=0.5, temperature=1.0):
         g = int(y[i])
         bp, bq = np.array([[p[i, g], 1 - p[i, g]]]), np.array([[q[i, g], 1 - q[i, g]]])
         rest = [v for v in range(p.shape[1]) if v != g]
-        pr = p[i, rest] / p[i, rest].sum()
         qr = q[i, rest] / q[i, rest].sum()
-        out[i] = temperature**2 * (alpha * kl(bp, bq)[0] + beta * kl(pr[None], qr[None])[0])
+        if p[i, rest].sum() > 0:
+            nckd = kl((p[i, rest] / p[i, rest].sum())[None], qr[None])[0]
+        else:  # the teacher allows only the target: no non-target distribution, NCKD taken as 0
+            nckd = 0.0
+        out[i] = temperature**2 * (alpha * kl(bp, bq)[0] + beta * nckd)
     return out
 
 

@@ -4,7 +4,8 @@ Per token, the teacher's vocabulary is split into a head (the most likely tokens
 mu; the top token always belongs to it) and a tail. The student-teacher gap |p - q| summed over each part
 weighs forward KL (which fits the head first) against reverse KL (which fits the tail first):
     loss = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL
-The weights use the detached student, as in the authors' code.
+The weights use the detached student, as in the authors' code. The reverse-KL part leaves out the
+tokens the teacher bans (-inf logits) like ``rkl`` does (see ReverseKL): value and gradient stay finite.
 """
 
 from __future__ import annotations
@@ -43,4 +44,4 @@ class AdaptiveKL(DistillationLoss):
         logq = torch.log_softmax(student_logits, -1)
         logp = torch.log_softmax(teacher_logits, -1)
         w_head, w_tail = head_tail_weights(logp, logq, self.mu)
-        return w_head * D.kl(logp, logq) + w_tail * D.kl(logq, logp)
+        return w_head * D.kl(logp, logq) + w_tail * D.kl_over_allowed(logq, logp)

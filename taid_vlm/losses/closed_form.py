@@ -9,6 +9,9 @@ of the same loss in the tests.
 
     FKL / TAID: value = sum_v p_v (log p_v - log q_v),  grad = q - p    (p: teacher or TAID target)
     RKL:        value = sum_v q_v (log q_v - log p_v),  grad = q * (log q - log p - value)
+                (entries the teacher bans, log p = -inf, are left out as in ReverseKL: with a = 1 on the
+                allowed entries and 0 elsewhere, d = a * (log q - log p), value = sum_v q_v d_v,
+                grad = q * (d + a - value - sum_v q_v a_v))
     + ce_weight * CE: value += -log q_y,  grad += ce_weight * (q - onehot(y))
 
 Preconditions (true in the chunked path, where student logits come from a matmul): student logits are
@@ -18,6 +21,7 @@ returned gradient aliases the student buffer.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,9 +38,14 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nv,nv->n", a, b)  # a batched matmul: no [C, V] temporary
 
 
-def _add_label_ce(values, grad, probs, logq, labels, ce_weight):
+def _label_log_prob(logq, labels):
+    return logq.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _add_label_ce(values, grad, probs, y_logq, labels, ce_weight):
+    """values += ce_weight * (-log q_y); grad += ce_weight * (q - onehot(y))."""
     index = labels.long().unsqueeze(-1)
-    values = values - ce_weight * logq.gather(-1, index).squeeze(-1)
+    values = values - ce_weight * y_logq
     grad.add_(probs, alpha=ce_weight)
     grad.scatter_add_(-1, index, grad.new_full((grad.shape[0], 1), -ce_weight))
     return values
@@ -86,9 +95,15 @@ def reverse_kl_and_grad(
     logq = _log_softmax_(student_logits, scratch)
     logp = _log_softmax_(teacher_logits, scratch)
     q = torch.exp(logq, out=scratch)
-    diff = torch.sub(logq, logp.clamp_(min=torch.finfo(logp.dtype).min), out=logp)  # finite: q * diff = 0 where q = 0
+    y_logq = _label_log_prob(logq, labels) if ce_weight else None  # before logq's buffer is reused
+    diff = torch.sub(logq, logp, out=logp)  # +inf exactly where the teacher bans an entry
+    # No branch (and no host sync) for the banned case: these are a few elementwise passes next to
+    # the [C, H] x [H, V] matmul; with nothing banned a = 1 and the result is q * (d - value).
+    allowed = torch.ne(diff, math.inf, out=logq)  # a as 1.0 / 0.0, in the student buffer (logq is spent)
+    diff.nan_to_num_(posinf=0.0)  # d = a * (log q - log p)
     values = _rowdot(q, diff)
-    grad = diff.sub_(values.unsqueeze(-1)).mul_(q)
+    shift = values + _rowdot(q, allowed)
+    grad = diff.add_(allowed).sub_(shift.unsqueeze(-1)).mul_(q)
     if ce_weight:
-        values = _add_label_ce(values, grad, q, logq, labels, ce_weight)
+        values = _add_label_ce(values, grad, q, y_logq, labels, ce_weight)
     return values, grad

@@ -21,6 +21,21 @@ def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (p * log_ratio).sum(-1)
 
 
+def kl_over_allowed(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed only over the entries that q allows (log q > -inf).
+
+    Where q bans an entry that p allows, KL(p || q) is +inf mathematically and its gradient is NaN.
+    Reverse KL (p = student, q = teacher) meets that whenever the teacher bans tokens (-inf logits) the
+    student does not; the reference code of DistiLLM and TAID masks those terms out
+    (``masked_fill(..., isinf(teacher_logits), 0)``), and so does this: the banned entries contribute
+    nothing, to the value or the gradient. With no banned entry it equals ``kl``.
+    """
+    p = logp.exp()
+    keep = (p > 0) & (logq > -math.inf)
+    log_ratio = torch.where(keep, logp - torch.where(keep, logq, 0.0), 0.0)
+    return (p * log_ratio).sum(-1)
+
+
 def cross_entropy(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """-sum_v p_v log q_v with 0 * log(x) = 0; same gradient in q as kl(p, q)."""
     p = logp.exp()

@@ -5,6 +5,10 @@
     loss = temperature^2 * (alpha * TCKD + beta * NCKD), all at the given temperature.
 The non-target distribution masks the target logit with -inf (exact; the original code subtracts 1000).
 Defaults are the paper's ImageNet setting (alpha 1, beta 0.5, temperature 1).
+
+A teacher row that allows only the target (every other logit -inf) has no non-target distribution:
+its NCKD term is 0 (nothing to match among the non-targets), with a zero gradient, instead of the NaN
+of log_softmax over an all -inf row; TCKD still pulls the student's target mass towards 1.
 """
 
 from __future__ import annotations
@@ -43,5 +47,8 @@ class DecoupledKD(DistillationLoss):
         b_s, rest_s = _binary_and_rest(student_logits / self.temperature, target)
         b_t, rest_t = _binary_and_rest(teacher_logits / self.temperature, target)
         tckd = D.kl(b_t, b_s)
-        nckd = D.kl(rest_t, rest_s)
+        # double where: rows where the teacher has no non-target mass get a harmless stand-in first
+        has_rest = b_t[:, 1] > -math.inf
+        rest_t = torch.where(has_rest.unsqueeze(-1), rest_t, rest_s.detach())
+        nckd = torch.where(has_rest, D.kl(rest_t, rest_s), 0.0)
         return self.temperature**2 * (self.alpha * tckd + self.beta * nckd)

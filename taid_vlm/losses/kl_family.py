@@ -30,13 +30,20 @@ class ForwardKL(DistillationLoss):
 
 
 class ReverseKL(DistillationLoss):
-    """KL(q_S || p_T): mode seeking."""
+    """KL(q_S || p_T): mode seeking.
+
+    Tokens the teacher bans (logit -inf, p_T = 0) where the student still has mass (q_S > 0) make the
+    exact value +inf. Convention, as in the reference code (DistiLLM's / TAID's ``reverse_kl`` mask
+    ``isinf(teacher_logits)``): such terms are left out of the sum, so value and gradient stay finite
+    and only the tokens the teacher allows are fitted. Then the value is
+    ``sum_{v: p_v > 0} q_v (log q_v - log p_v)``, which equals KL(q_S || p_T) when nothing is banned.
+    """
 
     name = "rkl"
 
     def divergence(self, student_logits, teacher_logits, labels):
         logq, logp = _log_probs(student_logits, teacher_logits)
-        return D.kl(logq, logp)
+        return D.kl_over_allowed(logq, logp)
 
     def closed_form(self, student_logits, teacher_logits, labels, scratch=None):
         """(values, d/d student_logits) for the chunked path; overwrites both buffers."""
