@@ -1,0 +1,110 @@
+"""Dynamic-resolution HF VLM families behind the adapter: our rendering equals the family's own processor,
+and the model's logits on our batch equal its logits on the processor's batch (tiny random models, fp32)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from taid_vlm.data import Renderer, Sample, collate
+from taid_vlm.models import build_model
+from taid_vlm.models.hf_families import FAMILIES
+from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
+
+from hf_family_helpers import model_cfg, photo
+from models_helpers import one_torch_thread  # noqa: F401
+
+FAMILY_NAMES = [
+    pytest.param(f, marks=pytest.mark.skipif(f == "smolvlm" and importlib.util.find_spec("num2words") is None,
+                                             reason="SmolVLMProcessor needs the num2words package"))
+    for f in sorted(FAMILIES)]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "<image>What color is the circle? <image>"},
+     {"role": "assistant", "content": "red circle"},
+     {"role": "user", "content": "And the square?"},
+     {"role": "assistant", "content": "blue square"}],
+    [{"role": "user", "content": "Describe the image.\n<image>"},
+     {"role": "assistant", "content": "a green star on the left"}],
+]
+IMAGES = [[photo(1, 40, 70), photo(2, 90, 50)], [photo(3, 64, 64)]]
+
+
+def structured(messages, images):
+    """The same conversation as HF processors take it: content items of type image / text."""
+    out, it = [], iter(images)
+    for m in messages:
+        parts = m["content"].split("<image>")
+        content = []
+        for k, text in enumerate(parts):
+            if k:
+                content.append({"type": "image", "image": next(it)})
+            if text:
+                content.append({"type": "text", "text": text})
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_model(request, tmp_path_factory):
+    name = request.param
+    folder = tmp_path_factory.mktemp(name)
+    build_family_tokenizer(name, save_dir=folder)
+    torch.manual_seed(0)
+    model = build_model(model_cfg(name, folder))
+    with torch.no_grad():  # Gemma 3 initialises its image projection to zeros: images would not matter
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.05)
+    return name, model
+
+
+def reference(model, conversations, images):
+    """The family's own processor on the same conversations and images (right-padded batch)."""
+    proc = model.processor
+    proc.tokenizer.padding_side = "right"
+    texts = [proc.apply_chat_template(structured(c, i), tokenize=False) for c, i in zip(conversations, images)]
+    return proc(text=texts, images=images, return_tensors="pt", padding=True, padding_side="right",
+                add_special_tokens=False)
+
+
+def ours(model, conversations, images, max_length=4096):
+    renderer = Renderer(model.input_spec, max_length)
+    rendered = [renderer(Sample(key=f"s{k}", images=i, messages=c))
+                for k, (c, i) in enumerate(zip(conversations, images))]
+    return rendered, collate(rendered, model.tokenizer.pad_token_id)
+
+
+def test_rendering_equals_the_family_processor(family_model):
+    name, model = family_model
+    for conv, imgs in zip(CONVERSATIONS, IMAGES):
+        ref = reference(model, [conv], [imgs])
+        (r,), _ = ours(model, [conv], [imgs])
+        assert r.input_ids == ref["input_ids"][0].tolist(), name
+        assert r.image_inputs, name
+        for key, value in r.image_inputs.items():
+            want = ref[key][0] if key in model.family.batched_keys else ref[key]
+            assert torch.equal(value, want), (name, key)
+        # supervised tokens: exactly the assistant answers (+ end of turn), never an image token
+        sup = [t for t in r.labels if t != -100]
+        answers = "".join(m["content"] for m in conv if m["role"] == "assistant")
+        assert model.tokenizer.decode(sup, skip_special_tokens=True).replace("\n", "") == answers
+        spec = model.input_spec
+        assert spec.image_token_id not in sup and model.image_token_id not in sup
+
+
+def test_logits_on_our_batch_equal_logits_on_the_processor_batch(family_model):
+    name, model = family_model
+    ref = reference(model, CONVERSATIONS, IMAGES)
+    _, batch = ours(model, CONVERSATIONS, IMAGES)
+    assert torch.equal(batch["input_ids"], ref["input_ids"])
+    assert torch.equal(batch["attention_mask"], ref["attention_mask"])
+    with torch.no_grad():
+        mine = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+        theirs = model.hf(**ref).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(mine[real], theirs[real], rtol=0, atol=1e-5)
+    with torch.no_grad():  # the images matter: other pixels, other logits
+        other = {k: (v.flip(0) if v.is_floating_point() else v) for k, v in batch["pixel_values"].items()}
+        moved = model(batch["input_ids"], batch["attention_mask"], pixel_values=other)
+    assert (moved[real] - mine[real]).abs().max() > 1e-4
