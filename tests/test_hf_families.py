@@ -108,3 +108,71 @@ def test_logits_on_our_batch_equal_logits_on_the_processor_batch(family_model):
         other = {k: (v.flip(0) if v.is_floating_point() else v) for k, v in batch["pixel_values"].items()}
         moved = model(batch["input_ids"], batch["attention_mask"], pixel_values=other)
     assert (moved[real] - mine[real]).abs().max() > 1e-4
+
+
+def _grads(model, batch, loss_fn, teacher_hidden):
+    model.zero_grad(set_to_none=True)
+    h = model.hidden_states(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+    h = h.reshape(-1, h.shape[-1]).index_select(0, batch["loss_positions"])
+    w = model.output_weight()
+    loss = loss_fn.fused(h, w, teacher_hidden, w.detach(), labels=batch["loss_targets"], chunk_size=3)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_positions_checkpointing_and_freezing_by_component(family_model):
+    from taid_vlm.losses import build_loss
+    from taid_vlm.models.language_model import enable_checkpointing
+
+    name, model = family_model
+    _, batch = ours(model, CONVERSATIONS, IMAGES)
+    loss_fn = build_loss("taid", t_start=0.4)
+    with torch.no_grad():  # hidden states at the loss positions give the logits of the supervised tokens
+        logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+        flat = logits.reshape(-1, logits.shape[-1])[batch["loss_positions"]]
+        teacher_hidden = torch.randn(len(batch["loss_targets"]), model.hf.config.get_text_config().hidden_size)
+    torch.testing.assert_close(batch["loss_targets"], batch["labels"].reshape(-1)[batch["loss_positions"] + 1])
+    want = loss_fn(flat, teacher_hidden @ model.output_weight().detach().T, None, labels=batch["loss_targets"])
+
+    model.train()
+    loss, plain = _grads(model, batch, loss_fn, teacher_hidden)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    enable_checkpointing(model.hf)
+    loss_ckpt, ckpt = _grads(model, batch, loss_fn, teacher_hidden)
+    model.hf.gradient_checkpointing_disable()
+    assert torch.equal(loss, loss_ckpt) and plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6)
+
+    groups = model.components()
+    ids = [id(p) for g in groups.values() for p in g]
+    assert sorted(groups) == ["llm", "projector", "vision"] and all(groups.values())
+    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()}), name  # a partition
+    try:
+        model.freeze(["vision", "projector"])
+        _, grads = _grads(model, batch, loss_fn, teacher_hidden)
+        got = {id(p) for n, p in model.named_parameters() if n in grads}
+        assert got == {id(p) for p in groups["llm"]}, name
+    finally:
+        model.requires_grad_(True)
+        model.eval()
+
+
+def test_a_local_folder_and_our_checkpoint_give_the_same_model(family_model, tmp_path):
+    """The stock HF folder (model + processor, as from the hub) and our own save_pretrained/load_model."""
+    from taid_vlm.models import load_model
+
+    name, model = family_model
+    model.hf.save_pretrained(tmp_path / "hf")
+    model.processor.save_pretrained(tmp_path / "hf")
+    from_folder = build_model({"type": "hf_vlm", "path": str(tmp_path / "hf")})
+    model.save_pretrained(tmp_path / "ours")
+    reloaded = load_model(tmp_path / "ours")
+    _, batch = ours(model, CONVERSATIONS, IMAGES)
+    with torch.no_grad():
+        want = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+        for other in (from_folder, reloaded):
+            rendered, b = ours(other, CONVERSATIONS, IMAGES)
+            assert torch.equal(b["input_ids"], batch["input_ids"]), name
+            got = other(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"])
+            assert torch.equal(got, want), name
