@@ -137,10 +137,11 @@ class HFVisionLanguageModel(DistillableModel):
         hf.config.use_cache = False
         if cfg.get("gradient_checkpointing"):
             enable_checkpointing(hf)
-        proc_path = cfg.get("processor") or (str(path) if path is not None else None)
+        proc_cfg = check_keys(cfg.get("processor") or {}, ("path",), f"{where}.processor")
+        proc_path = proc_cfg.get("path") or (str(path) if path is not None else None)
         if proc_path is not None:
             if not Path(proc_path).expanduser().is_dir():
-                raise ValueError(f"{where}.processor: {proc_path!r} is not a local directory")
+                raise ValueError(f"{where}.processor.path: {proc_path!r} is not a local directory")
             processor = AutoProcessor.from_pretrained(str(Path(proc_path).expanduser()))
             if cfg.get("image_processor"):
                 ip = processor.image_processor
