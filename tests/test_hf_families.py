@@ -176,3 +176,40 @@ def test_a_local_folder_and_our_checkpoint_give_the_same_model(family_model, tmp
             assert torch.equal(b["input_ids"], batch["input_ids"]), name
             got = other(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"])
             assert torch.equal(got, want), name
+
+
+def test_text_only_batch_can_still_run_vision_for_zero3_and_bf16_casts_pixels(family_model):
+    """Under ZeRO-3 every rank must run the same modules: a batch without images runs the vision tower on
+    a blank image, with no effect on the output, and every vision parameter still gets a gradient."""
+    name, model = family_model
+    ids = torch.tensor([model.tokenizer.encode("what color is the circle", add_special_tokens=False)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = model(ids, mask)
+    model.run_vision_without_images = True
+    try:
+        model.train()
+        out = model(ids, mask)
+        out.sum().backward()
+    finally:
+        model.run_vision_without_images = None
+        model.eval()
+    assert torch.equal(out.detach(), plain)
+    vision = model.components()["vision"]
+    without = {id(p) for p in vision if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, batch = ours(model, CONVERSATIONS[1:], IMAGES[1:])
+    model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"]).sum().backward()
+    with_images = {id(p) for p in vision if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert without == with_images and without, name  # the same vision modules run (some layers stay unused)
+    kwargs = model.model_image_inputs(batch["pixel_values"], batch["input_ids"])
+    model.hf.to(torch.bfloat16)
+    try:
+        assert all(v.dtype == torch.bfloat16 for k, v in model.model_image_inputs(
+            batch["pixel_values"], batch["input_ids"]).items() if kwargs[k].is_floating_point())
+        with torch.no_grad():
+            assert torch.isfinite(model(batch["input_ids"], batch["attention_mask"],
+                                        pixel_values=batch["pixel_values"]).float()).all()
+    finally:
+        model.hf.to(torch.float32)

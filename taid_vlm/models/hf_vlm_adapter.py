@@ -209,6 +209,8 @@ class HFVisionLanguageModel(DistillableModel):
             feats = self.hf.base_model.get_image_features(**{
                 k: v for k, v in self.model_image_inputs(blank, input_ids[:0]).items()
                 if k in inspect.signature(self.hf.base_model.get_image_features).parameters})
+            if hasattr(feats, "pooler_output"):  # only what reaches the LM: the same parameters get gradients
+                feats = [feats.pooler_output, getattr(feats, "deepstack_features", None)]
             out = out + 0.0 * _total(feats).to(out.dtype)
         return out
 
