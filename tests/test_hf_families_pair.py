@@ -147,6 +147,7 @@ def write_recipe(root, shards_dir, teacher_cfg, student_cfg, steps: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_two_process_zero3_qwen_teacher_internvl_student_loss_falls(setup, tmp_path):
     from train_helpers import BIN, run, step_losses
     from taid_vlm.train.launch_env import free_port
