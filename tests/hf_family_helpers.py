@@ -33,7 +33,8 @@ CONFIGS = {
                      vision_config=dict(_VIT, image_size=[28, 28], patch_size=[14, 14])),
     "idefics3": dict(text_config=dict(TEXT, model_type="llama"), vision_config=_VIT, scale_factor=2),
     "smolvlm": dict(text_config=dict(TEXT, model_type="llama"), vision_config=_VIT, scale_factor=2),
-    "gemma3": dict(text_config=dict(TEXT, head_dim=8, sliding_window=16), vision_config=_VIT, mm_tokens_per_image=4),
+    "gemma3": dict(text_config=dict(TEXT, head_dim=8, sliding_window=16), mm_tokens_per_image=4,
+                   vision_config=dict(_VIT, vision_use_head=False)),  # as the real config
 }
 
 # image processor settings that keep the tiny tests small (the structure of the spans is unchanged)
