@@ -123,7 +123,8 @@ def _gemma3(tok, cfg, overrides):
 
 _QWEN_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
-_QWEN = dict(token_ids=_QWEN_TOKENS, type_ids="mm_token_type_ids", image_prompt="<|vision_start|>{image}<|vision_end|>", vision="visual",
+_QWEN = dict(token_ids=_QWEN_TOKENS, type_ids="mm_token_type_ids", vision="visual",
+             image_prompt="<|vision_start|>{image}<|vision_end|>",
              projector=("visual.merger", "visual.deepstack_merger_list"))
 _LLAVA = dict(token_ids={"image_token_id": "<image>"}, projector=("multi_modal_projector", "image_newline"))
 _IDEFICS = dict(token_ids={"image_token_id": "<image>"}, batched_keys=("pixel_values", "pixel_attention_mask"),

@@ -29,7 +29,8 @@ def _content(image: str) -> str:
 
 def _chatml(image: str) -> str:
     return ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}" + _content(image)
-            + "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+            + "{{ '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 _IDEFICS_TEMPLATE = (
