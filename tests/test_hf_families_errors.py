@@ -83,3 +83,15 @@ def test_a_vocabulary_mismatch_names_both_sizes_and_the_first_differing_token(qw
     n_t, n_s = len(qwen.tokenizer), len(build_tiny_tokenizer())
     with pytest.raises(ValueError, match=rf"{n_t} tokens.*{n_s} tokens.*first differing token: id \d+ is"):
         check_vocab_compatible(qwen, other)
+
+
+def test_image_processor_overrides_apply_to_a_processor_from_a_folder(qwen, tmp_path):
+    qwen.hf.save_pretrained(tmp_path)
+    qwen.processor.save_pretrained(tmp_path)
+    small = {"size": {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 4}}
+    model = build_model({"type": "hf_vlm", "path": str(tmp_path), "image_processor": small})
+    img = photo(1, 100, 140)
+    default = qwen.input_spec.image_processor([img]).tensors["image_grid_thw"][0].tolist()
+    got = model.input_spec.image_processor([img]).tensors["image_grid_thw"][0].tolist()
+    assert got[1] * got[2] <= 16 < default[1] * default[2]
+    assert model.processor.image_processor.size == small["size"]
