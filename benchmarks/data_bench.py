@@ -1,6 +1,7 @@
 """Per-worker data throughput: decode (tar read + PIL) + transform + tokenize (chat template, labels).
 
   python benchmarks/data_bench.py [--n 200] [--sizes 224 448]
+  python benchmarks/data_bench.py --qwen [--n 100]   # Qwen2.5-VL processor, default resolution, 1024x768 JPEGs
 
 Writes a shard of synthetic-photo JPEGs (noise + gradients, quality 90) per size, then runs the exact
 per-sample work of a DataLoader worker (read_shard -> decode_sample -> Renderer for ONE model with a
@@ -33,31 +34,51 @@ from taid_vlm.spec import InputSpec  # noqa: E402
 from taid_vlm.tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: E402
 
 
-def photo(size: int, rng: np.random.Generator) -> bytes:
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+def photo(size: int, rng: np.random.Generator, width: int = 0) -> bytes:
+    width = width or size
+    y, x = np.mgrid[0:size, 0:width].astype(np.float32) / max(size, width)
     base = np.stack([x, y, 1 - x * y], -1) * 200
-    img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = np.clip(base + rng.normal(0, 25, (size, width, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def make_shard(path: str, size: int, n: int) -> None:
+def make_shard(path: str, size: int, n: int, width: int = 0) -> None:
     rng = np.random.default_rng(0)
     with wds.TarWriter(path, mtime=0) as w:
         for i in range(n):
             conv = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
                     {"from": "gpt", "value": "A photo with a smooth gradient from blue to red, some noise, "
                                              "and no clear object in the center or the corners."}]
-            w.write({"__key__": f"s{i:06d}", "jpg": photo(size, rng), "json": json.dumps({"conversations": conv})})
+            w.write({"__key__": f"s{i:06d}", "jpg": photo(size, rng, width), "json": json.dumps({"conversations": conv})})
 
 
-def bench(path: str, size: int, tok) -> tuple:
+def clip_spec(size: int, tok) -> InputSpec:
     tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
                     T.Normalize([0.481, 0.458, 0.408], [0.269, 0.261, 0.276])])
-    spec = InputSpec(tok, tf, tokens_per_image=(size // 14) ** 2 // 4, image_token=IMAGE_TOKEN,
+    return InputSpec(tok, tf, tokens_per_image=(size // 14) ** 2 // 4, image_token=IMAGE_TOKEN,
                      image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    r = Renderer(spec, 4096)
+
+
+def qwen_spec() -> InputSpec:
+    """Qwen2.5-VL's own processor at its default resolution (up to 1280 merged 28x28 patches)."""
+    from types import SimpleNamespace
+
+    from taid_vlm.models.hf_families import FAMILIES
+    from taid_vlm.models.hf_image_processing import ProcessorImageInputs
+    from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
+
+    tok = build_family_tokenizer("qwen2_5_vl")
+    geometry = SimpleNamespace(vision_config=SimpleNamespace(patch_size=14, temporal_patch_size=2, spatial_merge_size=2))
+    fam = FAMILIES["qwen2_5_vl"]
+    proc = fam.build_processor(tok, geometry, {"processor": {"chat_template": tok.chat_template}})
+    return InputSpec(tok, image_token=proc.image_token, image_token_id=tok.convert_tokens_to_ids(proc.image_token),
+                     image_processor=ProcessorImageInputs(proc, fam.image_prompt))
+
+
+def bench(path: str, spec: InputSpec) -> tuple:
+    r = Renderer(spec, 8192)
     skips = SkipCounter()
     for raw in read_shard(path, skips, start=0):  # warm-up pass (page cache, template compile)
         r(decode_sample(raw))
@@ -75,10 +96,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    ap.add_argument("--qwen", action="store_true", help="Qwen2.5-VL processor on 1024x768 JPEGs instead")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
+    if a.qwen:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "qwen.tar")
+            make_shard(path, 768, a.n, width=1024)
+            spec = qwen_spec()
+            rate, kib = bench(path, spec)
+            sample = next(iter(read_shard(path, SkipCounter())))
+            r = Renderer(spec, 8192)(decode_sample(sample))
+            grid = r.image_inputs["image_grid_thw"][0].tolist()
+            print(f"| 1024x768 JPEG {kib:.0f} KiB | Qwen2.5-VL processor, grid {grid}, {len(r)} tokens | "
+                  f"{rate:.1f} samples/s per worker |")
+        return 0
     tok = build_tiny_tokenizer()
     print(f"| image px | jpeg KiB | samples/s per worker (decode + transform + tokenize) |")
     print(f"|---------:|---------:|------------------------------------------------------:|")
@@ -86,7 +120,7 @@ def main() -> int:
         for size in a.sizes:
             path = os.path.join(d, f"{size}.tar")
             make_shard(path, size, a.n)
-            rate, kib = bench(path, size, tok)
+            rate, kib = bench(path, clip_spec(size, tok))
             print(f"| {size:8d} | {kib:8.1f} | {rate:53.1f} |")
     return 0
 

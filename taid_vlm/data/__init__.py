@@ -24,7 +24,10 @@ Batch contract::
                                              but the first of a raw text document), -100 elsewhere;
                                              NOT shifted
         "pixel_values":   FloatTensor[M, 3, H, W] | None   all images of the batch, sample-major, in
-                                             order of appearance, through this model's transform
+                                             order of appearance, through this model's transform;
+                                             for a dynamic-resolution model (spec.image_processor):
+                                             dict of its processor's tensors, concatenated over the
+                                             batch (collate.collate_image_inputs)
         "position_ids":   LongTensor[B, T]   only when packed: restart at 0 for every document
         "loss_positions": LongTensor[K]      flat index b*T + i of the hidden state that PREDICTS a
                                              supervised token (the token at i + 1), row-major

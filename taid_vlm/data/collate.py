@@ -2,7 +2,8 @@
 
 ``collate`` pads every row to the longest in the batch (``pad_to_multiple_of`` optional), labels -100
 on padding, and concatenates the images of the batch sample-major into ``pixel_values [M, 3, H, W]``
-(None when the batch has no image). ``collate_packed`` lays several documents into one row each,
+(None when the batch has no image); for a dynamic-resolution model ``pixel_values`` is instead the
+dict of its processor's tensors (``collate_image_inputs``). ``collate_packed`` lays several documents into one row each,
 restarting ``position_ids`` at 0 for every document; the first token of a document is never
 supervised, so no loss position predicts across a document boundary. ``attention_mask`` is 1 over
 all real tokens of a packed row (it counts tokens; pads sit only at the row end, position 0 each);
@@ -47,7 +48,26 @@ def collate(items: Sequence[Rendered], pad_id: int, pad_to_multiple_of: Optional
         attention_mask[b, :n] = 1
         labels[b, :n] = torch.tensor(r.labels, dtype=torch.long)
     pixels = [r.pixel_values for r in items if r.pixel_values is not None]
-    return _finish(input_ids, attention_mask, labels, pixels)
+    out = _finish(input_ids, attention_mask, labels, pixels)
+    image_inputs = [r.image_inputs for r in items if r.image_inputs]
+    if image_inputs:
+        out["pixel_values"] = collate_image_inputs(image_inputs)
+    return out
+
+
+def collate_image_inputs(per_sample: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Per-sample processor tensors -> the batch's: concatenated along dim 0 in sample order, other dims
+    zero-padded to the largest (e.g. LLaVA-NeXT's tiles per image, Idefics3's image sizes), as the
+    families' own processors batch them."""
+    out = {}
+    for key in per_sample[0]:
+        parts = [d[key] for d in per_sample]
+        if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+            dims = [max(p.shape[i] for p in parts) for i in range(1, parts[0].dim())]
+            parts = [torch.nn.functional.pad(p, [x for d, size in zip(reversed(dims), reversed(p.shape[1:]))
+                                                 for x in (0, d - size)]) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
 
 
 def collate_packed(rows: Sequence[Sequence[Rendered]], pad_id: int,

@@ -14,6 +14,13 @@ Steps for a conversation:
    span's start, and the images whose spans are gone are dropped;
 5. the kept images go through ``spec.image_transform`` and are stacked into ``[n, 3, H, W]``.
 
+Dynamic-resolution models (``spec.image_processor``, e.g. Qwen2-VL, InternVL): step 3 replaces the
+i-th image token by the i-th span that the model's processor gives for the sample's images (its
+length and wrapper tokens vary per image), and step 5 keeps the processor's tensors
+(``Rendered.image_inputs``). When a cut drops images, the kept ones are processed again on their own
+(a family may treat a sample's images jointly) until the spans fit. An image whose span alone exceeds
+``max_length`` or that the processor rejects skips the sample (too_long / image_rejected).
+
 A raw document (``Sample.text``, LLM path) is tokenized as is, with the eos token appended; every
 token but the first is supervised. Labels are NOT shifted: ``labels[i]`` is the token at ``i`` when it
 is supervised, else -100; position 0 is never supervised (nothing predicts it).
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -34,6 +41,7 @@ from .samples import Sample
 from .skips import BAD_CONVERSATION, MARKER_MISMATCH, TOO_LONG, SampleError
 
 IGNORE_INDEX = -100
+IMAGE_REJECTED = "image_rejected"  # the model's image processor raised on an image of the sample
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Rendered:
     labels: List[int]
     pixel_values: Optional[torch.Tensor] = None  # [n_images, 3, H, W] or None
     truncated: bool = False
+    image_inputs: Optional[Dict[str, torch.Tensor]] = None  # dynamic-resolution models: the processor's tensors
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -156,9 +165,51 @@ class Renderer:
             ids.append(self.eos_id)
         return ids, list(ids)
 
+    def _dynamic(self, sample: Sample, ids: List[int], labels: List[int]) -> Rendered:
+        """Image spans decided per image by ``spec.image_processor`` (see the module doc)."""
+        img_id = self.spec.image_token_id
+        slots = [k for k, t in enumerate(ids) if t == img_id]
+        if len(slots) != len(sample.images):
+            raise SampleError(MARKER_MISMATCH, f"{len(slots)} image tokens in the rendered text != "
+                                               f"{len(sample.images)} images")
+        n = kept = len(slots)
+        while True:
+            try:
+                inputs = self.spec.image_processor(sample.images[:kept])
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise SampleError(IMAGE_REJECTED, f"{type(e).__name__}: {e}") from None
+            longest = max((len(sp) for sp in inputs.spans), default=0)
+            if longest > self.max_length:
+                raise SampleError(TOO_LONG, f"an image takes {longest} tokens > max_length={self.max_length}")
+            text_end = slots[kept] if kept < n else len(ids)  # a dropped image cuts the text at its place
+            out_ids: List[int] = []
+            out_labels: List[int] = []
+            ends: List[int] = []  # where each image span ends in the output
+            prev = 0
+            for k, span in zip(slots[:kept], inputs.spans):
+                out_ids += ids[prev:k] + span
+                out_labels += labels[prev:k] + [IGNORE_INDEX] * len(span)
+                ends.append(len(out_ids))
+                prev = k + 1
+            out_ids += ids[prev:text_end]
+            out_labels += labels[prev:text_end]
+            fits = sum(1 for e in ends if e <= self.max_length)
+            if fits == kept:
+                break
+            kept = fits  # the cut falls inside an image span: drop that image and every later one
+        if out_labels:
+            out_labels[0] = IGNORE_INDEX
+        truncated = kept < n or len(out_ids) > self.max_length
+        out_ids, out_labels = out_ids[: self.max_length], out_labels[: self.max_length]
+        if not any(x != IGNORE_INDEX for x in out_labels):
+            raise SampleError(TOO_LONG, f"no supervised token within max_length={self.max_length}")
+        return Rendered(out_ids, out_labels, None, truncated, inputs.tensors if kept else None)
+
     def __call__(self, sample: Sample) -> Rendered:
         spec = self.spec
         ids, labels = self._chat(sample) if sample.messages is not None else self._text(sample)
+        if sample.images and spec.image_processor is not None:
+            return self._dynamic(sample, ids, labels)
         n_img = len(sample.images)
         spans: List[int] = []  # start of each expanded image span
         if n_img:

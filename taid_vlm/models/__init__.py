@@ -20,7 +20,11 @@ Contract (what the trainer and the data pipeline rely on)::
     check_vocab_compatible(teacher, student)  # ValueError naming both tokenizers and sizes unless the
                           # tokenizers agree; output embeddings padded larger on either side are fine
 
-Inputs: ``input_ids`` already hold ``image_token_id`` repeated ``tokens_per_image`` times per image;
+Inputs (dynamic-resolution HF families, ``input_spec.image_processor`` set): ``input_ids`` hold each image's
+span as its HF processor writes it, and ``pixel_values`` is the dict of the processor's tensors for the batch
+(``pixel_values``, ``image_grid_thw``, ``image_sizes``, ...; see hf_families.py, docs/bring_your_own_models.md).
+
+Inputs (fixed size): ``input_ids`` already hold ``image_token_id`` repeated ``tokens_per_image`` times per image;
 ``pixel_values`` is ``[M, 3, H, W]``, every image of the batch in order of appearance, sample-major. Image
 embeddings replace the placeholder embeddings in that order; a placeholder count other than
 ``M * tokens_per_image`` is a ValueError naming both counts. Pixels are cast to the parameter dtype inside
@@ -44,9 +48,12 @@ Config (``type`` selects the model; unknown keys or values are a ValueError nami
                                      # which freezes everything)
 
     type: causal_lm                  # keys: dtype, tokenizer, llm, freeze (llm, embeddings)
-    type: hf_vlm                     # keys: path | config (e.g. model_type: llava), tokenizer (default: path),
-                                     # image_processor, image_token, tokens_per_image (derived for llava),
-                                     # dtype, attn_implementation, gradient_checkpointing,
+    type: hf_vlm                     # keys: path | config (model_type: llava or a family of hf_families.FAMILIES:
+                                     # qwen2_vl, qwen2_5_vl, qwen3_vl, internvl, llava_next, llava_onevision,
+                                     # idefics3, smolvlm, gemma3), tokenizer (default: path), processor
+                                     # ({path: DIR}, default: path; built from the config otherwise),
+                                     # image_processor (overrides), image_token, tokens_per_image (llava only,
+                                     # derived), dtype, attn_implementation, gradient_checkpointing,
                                      # freeze (vision, projector, llm)
 """
 

@@ -69,3 +69,53 @@ def build_image_processor(path: Optional[str], overrides: Any, vision_model_type
 def processor_dict(processor) -> dict:
     """JSON-safe dict (enums and tuples flattened) that ``build_image_processor`` accepts back."""
     return json.loads(processor.to_json_string())
+
+
+# processor outputs that are per token (the data side makes them), not per image
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+class ProcessorImageInputs:
+    """The images of one sample -> ``taid_vlm.spec.ImageInputs``, through a family's own HF processor.
+
+    The processor sees exactly what it would see inside a conversation: the sample's images together
+    (LLaVA-OneVision tiles only single-image samples) and one image prompt per image. The prompts are
+    joined by the eos token, a special token that no span contains, and the ids are cut there; so each
+    span is what the processor writes for that image (its text edges, e.g. Gemma 3's blank lines, are
+    tokenized on their own). ``batched_keys`` lose the processor's leading batch axis of 1.
+    Picklable (DataLoader workers).
+    """
+
+    def __init__(self, processor, image_prompt: str, batched_keys=()):
+        self.processor = processor
+        self.prompt = image_prompt.format(image=processor.image_token)
+        tok = processor.tokenizer
+        self.sep, self.sep_id = tok.eos_token, tok.eos_token_id
+        self.batched_keys = tuple(batched_keys)
+
+    def __call__(self, images):
+        from taid_vlm.spec import ImageInputs
+
+        images = list(images)
+        if not images:
+            return ImageInputs([], {})
+        text = self.sep.join([self.prompt] * len(images))
+        out = self.processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=False)
+        ids = out["input_ids"][0].tolist()
+        spans, cur = [], []
+        for t in ids + [self.sep_id]:
+            if t == self.sep_id:
+                spans.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        if len(spans) != len(images):
+            raise RuntimeError(f"{type(self.processor).__name__}: {len(spans)} image spans for {len(images)} images")
+        tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        for k in self.batched_keys:
+            if k in tensors:
+                tensors[k] = tensors[k][0]
+        return ImageInputs(spans, tensors)
+
+    def __repr__(self) -> str:
+        return f"ProcessorImageInputs({type(self.processor).__name__}, {self.prompt!r})"

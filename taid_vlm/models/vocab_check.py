@@ -10,6 +10,16 @@ def _describe(role: str, model) -> str:
             f"output embedding {model.vocab_size} rows")
 
 
+def first_difference(t_vocab: dict, s_vocab: dict) -> str:
+    """The lowest id whose token differs between the two vocabularies, in words."""
+    t_ids = {i: tok for tok, i in t_vocab.items()}
+    s_ids = {i: tok for tok, i in s_vocab.items()}
+    for i in range(max(len(t_ids), len(s_ids)) + 1):
+        if t_ids.get(i) != s_ids.get(i):
+            return f"first differing token: id {i} is {t_ids.get(i)!r} in the teacher, {s_ids.get(i)!r} in the student"
+    return "same ids, different tokens"
+
+
 def check_vocab_compatible(teacher, student) -> None:
     """ValueError naming both vocabularies unless the tokenizers map the same tokens to the same ids.
 
@@ -22,8 +32,8 @@ def check_vocab_compatible(teacher, student) -> None:
         only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
         only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
         moved = sorted(k for k in set(t_vocab) & set(s_vocab) if t_vocab[k] != s_vocab[k])[:5]
-        problems.append(f"token-to-id maps differ (only in teacher: {only_t}, only in student: {only_s}, "
-                        f"different ids: {moved})")
+        problems.append(f"token-to-id maps differ ({first_difference(t_vocab, s_vocab)}; only in teacher: "
+                        f"{only_t}, only in student: {only_s}, different ids: {moved})")
     for role, model in (("teacher", teacher), ("student", student)):
         if model.vocab_size < len(model.tokenizer):
             problems.append(f"{role} output embedding has fewer rows ({model.vocab_size}) than its tokenizer "
