@@ -18,7 +18,8 @@ import torch
 
 from tests.train_helpers import records, run, train_cmd
 
-pytestmark = pytest.mark.slow
+# No hang guard below the real cost: the module's runs are one fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 STEPS = 4
 LAYOUTS = [(1, 4), (2, 2), (4, 1)]  # (processes, grad_accum): 8 samples per optimizer step each
@@ -71,12 +72,14 @@ def _assert_same_run(got: Path, want: Path, steps, what: str) -> None:
     a, b = _steps(got), _steps(want)
     for step in steps:
         assert a[step]["supervised_tokens"] == b[step]["supervised_tokens"], (what, step)  # the same samples
-        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-9), (what, step)
-        assert a[step]["t"] == pytest.approx(b[step]["t"], abs=1e-6), (what, step)
+        # fp32 with another reduction order: measured <= 1.1e-7 apart on losses of 0.003-0.012 (a KL that
+        # small is a difference of cross-entropies ~log V, so its relative noise is ~1e-5) and <= 2e-6 on t.
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-6), (what, step)
+        assert a[step]["t"] == pytest.approx(b[step]["t"], abs=1e-5), (what, step)
     wa, wb = _weights(got), _weights(want)
     assert sorted(wa) == sorted(wb), what
-    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
-    assert worst <= 1e-5, (what, worst)
+    worst = max(float((wa[k].detach().float() - wb[k].detach().float()).abs().max()) for k in wa)
+    assert worst <= 1e-5, (what, worst)  # measured <= 3.5e-7
 
 
 def test_one_result_for_1x4_2x2_4x1_under_zero_0_2_3(runs):

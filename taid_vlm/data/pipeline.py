@@ -2,30 +2,29 @@
 
 Layout of the stream (all inside each DataLoader worker, so decode/transform/tokenize run in parallel):
 
-  shard sequence (this worker's)  ->  raw samples (webdataset tar iterators, counted error handler)
-  ->  block shuffle (train)  ->  decode + validate (samples.py)  ->  render per model (render.py)
-  ->  align (align.py)  ->  batch + collate, or pack (collate.py)  ->  main process (reorder, state)
+  shard sequence  ->  raw samples (webdataset tar iterators, counted error handler)
+  ->  this worker's samples  ->  decode + validate (samples.py)  ->  render per model (render.py)
+  ->  align (align.py)  ->  batch + collate, or pack (collate.py)  ->  main process (order, state)
 
-Splitting. Global worker ``g = rank * num_workers + worker``, ``G = world_size * num_workers``.
-- train (endless, resampled): each worker walks its own endless sequence of rounds; a round is a
-  random permutation of ALL shards (seeded by seed, g, round), so every worker reaches every shard,
-  any number of shards works, and there is no epoch boundary to synchronise.
-- eval (exact, single pass): with ``len(shards) >= G`` worker g reads ``shards[g::G]`` in order;
-  with fewer shards every worker reads all of them and keeps raw sample ``j`` of shard ``s`` iff
-  ``(s + j) % G == g``. Either way every sample is seen exactly once over all ranks and workers.
+Train (endless): ONE global sample order for every world size and worker count, which each rank and
+worker slices (global_order.py: shard rounds, block shuffle of ``shuffle_buffer`` raw samples, and
+optimizer step k = global samples [k*Bg, (k+1)*Bg) with Bg = micro-batch x grad_accum x world size).
+Every worker reads the whole raw stream and decodes only its own samples. A sample found unusable
+leaves its slot empty; a micro-batch left with no sample at all carries a "filler" (a usable sample
+with no supervised token, no key), so every rank still runs its forward/backward. The position is one
+global sample counter (+ the cursor of a block before it): the same batches follow on any world size
+or worker count. With ``pack=True`` a micro-batch's samples (documents) are packed into rows.
 
-Shuffling (train): raw samples (still bytes) are shuffled in consecutive blocks of ``shuffle_buffer``,
-each block permuted by an RNG seeded by (seed, g, block). Unlike webdataset's rolling shuffle buffer,
-a block has a start position that can be written down, which makes the position exact and cheap.
+No usable sample: the read errors of 2 x len(shards) shards in a row, or a filler search that decodes a
+full shard round without a usable sample, stop the stream with NoUsableSampleError (the skip counts by
+reason) on every rank and worker alike (they all read the same stream). Broken shards among good ones
+are counted (``tar_error``/``truncated_tar``, by rank 0's first worker) and skipped. ``Loader.check_usable``
+is the setup check (e.g. for the val set): it stops at the first usable sample.
 
-Position. A worker's position is ``{s, j, b, o}``: block ``b`` starts at raw sample ``j`` of the
-``s``-th shard of the worker's sequence, and its first ``o`` samples were consumed. Every batch carries
-the position after its last sample; the main process keeps, per worker, the position of the last
-batch it HANDED OUT (prefetched batches do not count), and hands batches out in a fixed cyclic
-worker order. Resuming re-opens shard ``s``, skips ``j`` raw samples without decoding, re-reads and
-re-permutes the block, skips ``o`` samples, and continues. The result: the same batches as an
-uninterrupted run, for the same seed, world size and worker count. (Random image augmentations
-inside a spec's transform are not replayed.)
+Eval (exact, single pass): with ``len(shards) >= G`` (G = world size x workers) worker g reads
+``shards[g::G]`` in order; with fewer shards every worker reads all of them and keeps raw sample ``j``
+of shard ``s`` iff ``(s + j) % G == g``. Either way every sample is seen exactly once over all ranks
+and workers. Its position is per worker ``{s, j}`` (same world size and worker count to resume).
 
 Companion shards (a cached teacher, taid_vlm.teacher_cache): with ``companion=``, every data shard is
 read together with its companion tar, which holds one record per raw data sample under the same
