@@ -168,8 +168,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
         teacher = Teacher(teacher_model, cfg.teacher.placement, device, t_dtype, ds_t)
     train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world, cache)
-    if make_val_loader is not None:
-        make_val_loader().check_usable()  # an all-bad val set fails now, not as a 0.0 metric at the end
+    for data in [train_loader] + ([make_val_loader()] if make_val_loader is not None else []):
+        data.check_usable()  # an all-bad set fails now (reasons listed), not as a hang or a 0.0 metric
 
     # ---- resume ----------------------------------------------------------------------------------
     step = 0
