@@ -306,15 +306,16 @@ class SampleStream(IterableDataset):
             packer.add(item)
         return self._batch(packer.flush(), True)
 
-    def _find_filler(self, cursor: dict, read_skips: SkipCounter):
+    def _find_filler(self, cursor: dict):
         """A usable sample to stand in, with no supervised token, for a micro-batch whose samples were
         all unusable (every rank must still run forward/backward). Scans forward from ``cursor`` over
-        at least one full shard round, decoding every sample; none usable there means none anywhere."""
+        at least one full shard round, decoding every sample; none usable there means none anywhere.
+        Its counts are its own (the samples are other workers' to count)."""
         scan_skips, stats = SkipCounter(), Counter()
         n = len(self.shards)
         limit = (cursor["s"] // n + 2) * n  # the rest of this round and all of the next
         try:
-            for s, _, raw in self._raw(0, 1, cursor["s"], cursor["j"], read_skips):
+            for s, _, raw in self._raw(0, 1, cursor["s"], cursor["j"], scan_skips):
                 if s >= limit:
                     break
                 prepared = self._prepare_counted(raw, scan_skips, stats)
@@ -322,7 +323,6 @@ class SampleStream(IterableDataset):
                     return _as_filler(prepared)
         except NoUsableSampleError:
             pass
-        scan_skips.merge(read_skips)
         raise NoUsableSampleError(no_usable_message(self.shards, scan_skips))
 
     def _iter_train(self, w: int, W: int):
@@ -371,7 +371,7 @@ class SampleStream(IterableDataset):
                     items = [(key, parts, None, record) for key, parts, record in got.pop(slot.n, [])]
                     if not items:
                         if filler is None:
-                            filler = self._find_filler(cursors[slot.step_start // K], read_skips)
+                            filler = self._find_filler(cursors[slot.step_start // K])
                         items = [(None, filler[1], None, filler[2])]
                     stats["batches"] += 1
                     step_cursor = cursors[slot.step_start // K]
