@@ -5,7 +5,7 @@ Entry point (the trainer calls only this)::
     loader = build_loader(shards, student_spec, teacher_spec, mode="train" | "eval", batch_size=8,
                           max_length=2048, num_workers=2, seed=0, rank=0, world_size=1,
                           caption_instruction="Describe the image briefly.", text_only=False, pack=False,
-                          shuffle_buffer=1000, pad_to_multiple_of=None)
+                          shuffle_buffer=1000, pad_to_multiple_of=None, grad_accum=1)
     for batch in loader: ...
 
 ``shards``: brace pattern, folder, glob, comma-separated string or list (shards.py). A missing path or
@@ -43,9 +43,13 @@ without a partner in the other model's rendering are dropped from both ``labels`
 ``labels`` and ``loss_positions`` always agree. Text-only data (``text_only=True``) gives the same
 shape with ``pixel_values=None``; ``pack=True`` (text-only) packs documents into rows.
 
-Position and counters (per rank): ``loader.state_dict()`` / ``loader.load_state_dict(sd)`` restore the
-stream exactly (same seed, world size, worker count, shards, batch size): a resumed run gets the next
-unseen batches, identical to the uninterrupted run. Only batches handed to the trainer count as seen.
+Position and counters: ``loader.state_dict()`` / ``loader.load_state_dict(sd)`` restore the stream
+exactly. Train: one global position (global_order.py), the same on every rank, which continues the same
+global sample order on ANY world size, worker count or micro-batch layout (from a step boundary); an
+optimizer step (``grad_accum`` micro-batches on each of the ``world_size`` ranks) sees the same samples
+whatever the world size. Eval: per rank (same seed, world size, worker count, shards, batch size). Only
+batches handed to the trainer count as seen. ``loader.check_usable()`` raises NoUsableSampleError when
+the shards hold no usable sample (a setup check), as the train stream does after a full pass.
 ``loader.skips`` is a SkipCounter: ``.as_dict()`` reason -> count, ``.examples`` reason -> keys,
 ``.summary()`` one log line. Reasons: corrupt_image, missing_image, missing_text, bad_json,
 bad_conversation, marker_mismatch, ambiguous_images, images_in_text_only, too_long, unaligned,
@@ -59,14 +63,14 @@ pass (each sample once over all ranks and workers; ranks may get different numbe
 from .align import align_labels, loss_positions
 from .collate import collate, collate_packed
 from .formats import DEFAULT_CAPTION_INSTRUCTION, IMAGE_MARKER
-from .pipeline import Loader, SampleStream, build_loader, read_shard
+from .pipeline import Loader, NoUsableSampleError, SampleStream, build_loader, read_shard
 from .render import IGNORE_INDEX, Rendered, Renderer, check_spec
 from .samples import Sample, decode_sample
 from .shards import expand_shards
 from .skips import SampleError, SkipCounter
 
 __all__ = [
-    "build_loader", "Loader", "SampleStream", "read_shard", "expand_shards", "Sample", "decode_sample",
+    "build_loader", "Loader", "NoUsableSampleError", "SampleStream", "read_shard", "expand_shards", "Sample", "decode_sample",
     "Renderer", "Rendered", "check_spec", "align_labels", "loss_positions", "collate", "collate_packed",
     "SampleError", "SkipCounter", "IMAGE_MARKER", "DEFAULT_CAPTION_INSTRUCTION", "IGNORE_INDEX",
 ]

@@ -2,30 +2,29 @@
 
 Layout of the stream (all inside each DataLoader worker, so decode/transform/tokenize run in parallel):
 
-  shard sequence (this worker's)  ->  raw samples (webdataset tar iterators, counted error handler)
-  ->  block shuffle (train)  ->  decode + validate (samples.py)  ->  render per model (render.py)
-  ->  align (align.py)  ->  batch + collate, or pack (collate.py)  ->  main process (reorder, state)
+  shard sequence  ->  raw samples (webdataset tar iterators, counted error handler)
+  ->  this worker's samples  ->  decode + validate (samples.py)  ->  render per model (render.py)
+  ->  align (align.py)  ->  batch + collate, or pack (collate.py)  ->  main process (order, state)
 
-Splitting. Global worker ``g = rank * num_workers + worker``, ``G = world_size * num_workers``.
-- train (endless, resampled): each worker walks its own endless sequence of rounds; a round is a
-  random permutation of ALL shards (seeded by seed, g, round), so every worker reaches every shard,
-  any number of shards works, and there is no epoch boundary to synchronise.
-- eval (exact, single pass): with ``len(shards) >= G`` worker g reads ``shards[g::G]`` in order;
-  with fewer shards every worker reads all of them and keeps raw sample ``j`` of shard ``s`` iff
-  ``(s + j) % G == g``. Either way every sample is seen exactly once over all ranks and workers.
+Train (endless): ONE global sample order for every world size and worker count, which each rank and
+worker slices (global_order.py: shard rounds, block shuffle of ``shuffle_buffer`` raw samples, and
+optimizer step k = global samples [k*Bg, (k+1)*Bg) with Bg = micro-batch x grad_accum x world size).
+Every worker reads the whole raw stream and decodes only its own samples. A sample found unusable
+leaves its slot empty; a micro-batch left with no sample at all carries a "filler" (a usable sample
+with no supervised token, no key), so every rank still runs its forward/backward. The position is one
+global sample counter (+ the cursor of a block before it): the same batches follow on any world size
+or worker count. With ``pack=True`` a micro-batch's samples (documents) are packed into rows.
 
-Shuffling (train): raw samples (still bytes) are shuffled in consecutive blocks of ``shuffle_buffer``,
-each block permuted by an RNG seeded by (seed, g, block). Unlike webdataset's rolling shuffle buffer,
-a block has a start position that can be written down, which makes the position exact and cheap.
+No usable sample: the read errors of 2 x len(shards) shards in a row, or a filler search that decodes a
+full shard round without a usable sample, stop the stream with NoUsableSampleError (the skip counts by
+reason) on every rank and worker alike (they all read the same stream). Broken shards among good ones
+are counted (``tar_error``/``truncated_tar``, by rank 0's first worker) and skipped. ``Loader.check_usable``
+is the setup check (e.g. for the val set): it stops at the first usable sample.
 
-Position. A worker's position is ``{s, j, b, o}``: block ``b`` starts at raw sample ``j`` of the
-``s``-th shard of the worker's sequence, and its first ``o`` samples were consumed. Every batch carries
-the position after its last sample; the main process keeps, per worker, the position of the last
-batch it HANDED OUT (prefetched batches do not count), and hands batches out in a fixed cyclic
-worker order. Resuming re-opens shard ``s``, skips ``j`` raw samples without decoding, re-reads and
-re-permutes the block, skips ``o`` samples, and continues. The result: the same batches as an
-uninterrupted run, for the same seed, world size and worker count. (Random image augmentations
-inside a spec's transform are not replayed.)
+Eval (exact, single pass): with ``len(shards) >= G`` (G = world size x workers) worker g reads
+``shards[g::G]`` in order; with fewer shards every worker reads all of them and keeps raw sample ``j``
+of shard ``s`` iff ``(s + j) % G == g``. Either way every sample is seen exactly once over all ranks
+and workers. Its position is per worker ``{s, j}`` (same world size and worker count to resume).
 
 Companion shards (a cached teacher, taid_vlm.teacher_cache): with ``companion=``, every data shard is
 read together with its companion tar, which holds one record per raw data sample under the same
@@ -38,9 +37,9 @@ A key mismatch is an error (the companion was written for other data); a compani
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
-import random
 import tarfile
 from collections import Counter, deque
 from typing import Any, Dict, Iterator, List, Optional
@@ -54,7 +53,8 @@ from ..spec import InputSpec
 from .align import align_labels
 from .collate import GreedyPacker, collate, collate_packed
 from .formats import DEFAULT_CAPTION_INSTRUCTION
-from .render import Renderer, check_spec, pad_token_id
+from .global_order import Layout, block_permutation, shard_round_order
+from .render import IGNORE_INDEX, Renderer, check_spec, pad_token_id
 from .samples import decode_sample
 from .shards import ShardSpec, expand_shards
 from .skips import TAR_ERROR, TRUNCATED_TAR, UNALIGNED, SampleError, SkipCounter
@@ -64,11 +64,31 @@ log = logging.getLogger(__name__)
 COMPANION_FIELD = "__companion__"
 COMPANION_SKIP = "__companion_skip__"
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # eval (per-worker positions)
+TRAIN_STATE_VERSION = 2  # train (one global position)
 
 
 def _identity(x):
     return x
+
+
+class NoUsableSampleError(RuntimeError):
+    """A full pass over the shards found no sample that can be trained on (the message lists why)."""
+
+
+def no_usable_message(shards: List[str], skips: SkipCounter) -> str:
+    where = shards[0] if len(shards) == 1 else f"{shards[0]} ... {shards[-1]}"
+    return (f"no usable sample in a full pass over {len(shards)} shard(s) ({where}): {skips.summary()}; "
+            "check the data (data_tools.check_shards) and data.max_length")
+
+
+def _as_filler(prepared):
+    """``(key, parts, record)`` -> the same sample with no supervised token and no key: it only keeps a
+    micro-batch's forward/backward running (zero loss, zero gradient)."""
+    _, parts, record = prepared
+    masked = {}
+    parts = [masked.setdefault(id(p), dataclasses.replace(p, labels=[IGNORE_INDEX] * len(p))) for p in parts]
+    return None, parts, (record.select(slice(0, 0)) if record is not None else None)
 
 
 def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[str, Any]]:
@@ -150,8 +170,9 @@ class SampleStream(IterableDataset):
                  batch_size: int, max_length: int, seed: int, rank: int, world_size: int,
                  caption_instruction: str, text_only: bool, pack: bool, shuffle_buffer: int,
                  pad_to_multiple_of: Optional[int] = None, companion: Any = None,
-                 companion_paths: Optional[Dict[str, str]] = None):
+                 companion_paths: Optional[Dict[str, str]] = None, grad_accum: int = 1):
         super().__init__()
+        self.layout = Layout(batch_size, grad_accum, world_size)
         self.shards = shards
         self.mode = mode
         self.batch_size, self.max_length = batch_size, max_length
@@ -163,22 +184,24 @@ class SampleStream(IterableDataset):
         self.teacher_r = None if teacher is None else (
             self.student_r if teacher is student else Renderer(teacher, max_length))
         self.pad_ids = [pad_token_id(student.tokenizer)] + ([] if teacher is None else [pad_token_id(teacher.tokenizer)])
-        self.resume: Dict[int, dict] = {}
+        self.resume: Dict[Any, Any] = {}  # train: the global position; eval: per-worker positions
         self.companion = companion  # a teacher cache (taid_vlm.teacher_cache.TeacherCache) or None
         self.companion_paths = companion_paths or {}
 
-    # -- raw samples in this worker's order ------------------------------------------------------
+    # -- raw samples in order ----------------------------------------------------------------------
     def _shard_at(self, g: int, G: int, s: int) -> Optional[str]:
+        """The ``s``-th shard of the sequence: train, the global rounds (global_order.py); eval, this
+        worker's share."""
         n = len(self.shards)
         if self.mode == "train":
-            order = list(range(n))
-            random.Random(f"shards:{self.seed}:{g}:{s // n}").shuffle(order)
-            return self.shards[order[s % n]]
+            return self.shards[shard_round_order(self.seed, s // n, n)[s % n]]
         mine = self.shards[g::G] if n >= G else self.shards
         return mine[s] if s < len(mine) else None
 
     def _raw(self, g: int, G: int, s: int, j: int, skips: SkipCounter):
-        """Yield ``(s, j_after, raw)`` from position (s, j) on."""
+        """Yield ``(s, j_after, raw)`` from position (s, j) on. An endless (train) sequence in which
+        2 * len(shards) shards in a row give no raw sample contains a full round of unreadable shards:
+        that is the end (NoUsableSampleError), while one readable shard among broken ones is enough."""
         split_samples = self.mode == "eval" and len(self.shards) < G
         empty_run = 0
         for s in itertools.count(s):
@@ -193,32 +216,18 @@ class SampleStream(IterableDataset):
                 yield s, jj + 1, raw
             j = 0
             empty_run = 0 if got else empty_run + 1
-            if empty_run > len(self.shards):
-                raise RuntimeError(f"no readable sample in any of {len(self.shards)} shards ({skips.summary()})")
+            if empty_run >= 2 * len(self.shards):
+                raise NoUsableSampleError(no_usable_message(self.shards, skips))
 
     def _read(self, path: str, skips: SkipCounter, start: int):
         if self.companion is None:
             return read_shard(path, skips, start=start)
         return read_shard_with_companion(path, self.companion_paths[path], skips, start=start)
 
-    def _blocks(self, g: int, G: int, pos: dict, skips: SkipCounter):
-        """Yield ``(raw, position_after)`` in (block-)shuffled order."""
-        bs, bj, b, o = pos["s"], pos["j"], pos["b"], pos["o"]
-        raw = self._raw(g, G, bs, bj, skips)
-        K = max(1, self.shuffle_buffer)
-        while True:
-            block = list(itertools.islice(raw, K))
-            if not block:
-                return
-            end_s, end_j = block[-1][0], block[-1][1]
-            order = list(range(len(block)))
-            if K > 1:
-                random.Random(f"block:{self.seed}:{g}:{b}").shuffle(order)
-            for idx in range(o, len(block)):
-                after = ({"s": bs, "j": bj, "b": b, "o": idx + 1} if idx + 1 < len(block)
-                         else {"s": end_s, "j": end_j, "b": b + 1, "o": 0})
-                yield block[order[idx]][2], after
-            bs, bj, b, o = end_s, end_j, b + 1, 0
+    def _eval_samples(self, g: int, G: int, pos: dict, skips: SkipCounter):
+        """Eval, in shard order: yield ``(raw, position_after)``; the position is ``{s, j}``."""
+        for s, j, raw in self._raw(g, G, pos["s"], pos["j"], skips):
+            yield raw, {"s": s, "j": j}
 
     # -- samples -> rendered, aligned ------------------------------------------------------------
     def prepare(self, raw: Dict[str, Any], stats: Counter):
@@ -262,9 +271,10 @@ class SampleStream(IterableDataset):
                 out[name] = collate_packed(rows, self.pad_ids[m], self.pad_to_multiple_of)
             else:
                 out[name] = collate([it[1][m] for it in items], self.pad_ids[m], self.pad_to_multiple_of)
-        out["keys"] = [it[0] for row in items for it in row] if packed else [it[0] for it in items]
+        flat = [it for row in items for it in row] if packed else items
+        out["keys"] = [it[0] for it in flat if it[0] is not None]  # a filler (key None) is no sample
         if self.companion is not None:  # records in loss_targets order: sample-major, then token order
-            records = [it[3] for row in items for it in row] if packed else [it[3] for it in items]
+            records = [it[3] for it in flat]
             topk = self.companion.collate(records)
             if not torch.equal(topk.pop("targets").long(), out["student"]["loss_targets"]):
                 raise RuntimeError(f"teacher cache rows do not line up with the student's supervised tokens "
@@ -275,8 +285,110 @@ class SampleStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.mode == "train":
+            yield from self._iter_train(w, W)
+        else:
+            yield from self._iter_eval(w, W)
+
+    # -- train: this worker's slots of the global order (global_order.py) -------------------------
+    def _prepare_counted(self, raw, skips: SkipCounter, stats: Counter):
+        try:
+            return self.prepare(raw, stats)
+        except SampleError as e:
+            skips.add(e.reason, raw.get("__key__"))
+            return None
+
+    def _train_batch(self, items: list) -> Dict[str, Any]:
+        if not self.pack:
+            return self._batch(items, False)
+        packer = GreedyPacker(len(items) + 1, self.max_length)  # never full: rows come out of flush
+        for item in items:
+            packer.add(item)
+        return self._batch(packer.flush(), True)
+
+    def _find_filler(self, cursor: dict):
+        """A usable sample to stand in, with no supervised token, for a micro-batch whose samples were
+        all unusable (every rank must still run forward/backward). Scans forward from ``cursor`` over
+        at least one full shard round, decoding every sample; none usable there means none anywhere.
+        Its counts are its own (the samples are other workers' to count)."""
+        scan_skips, stats = SkipCounter(), Counter()
+        n = len(self.shards)
+        limit = (cursor["s"] // n + 2) * n  # the rest of this round and all of the next
+        try:
+            for s, _, raw in self._raw(0, 1, cursor["s"], cursor["j"], scan_skips):
+                if s >= limit:
+                    break
+                prepared = self._prepare_counted(raw, scan_skips, stats)
+                if prepared is not None:
+                    return _as_filler(prepared)
+        except NoUsableSampleError:
+            pass
+        raise NoUsableSampleError(no_usable_message(self.shards, scan_skips))
+
+    def _iter_train(self, w: int, W: int):
+        layout, K = self.layout, max(1, self.shuffle_buffer)
+        start = self.resume or {"position": 0, "micro": 0, "cursor": {"b": 0, "s": 0, "j": 0}}
+        origin, cursor = int(start["position"]), dict(start["cursor"])
+        skips, stats = SkipCounter(), Counter()
+        # Every worker reads every shard: one of them (rank 0, worker 0) counts the read errors.
+        read_skips = skips if (self.rank == 0 and w == 0) else SkipCounter()
+
+        def meta(slot, step_cursor):
+            return {"worker": w, "n": slot.n, "cursor": step_cursor, "skips": skips.state_dict(), "stats": dict(stats)}
+
+        slots = layout.worker_slots(origin, self.rank, w, W, int(start["micro"]))
+        upcoming: deque = deque([next(slots)])
+        got: Dict[int, list] = {}  # slot n -> prepared items so far
+        cursors: Dict[int, dict] = {}  # block -> cursor, for blocks a later slot's step may start in
+        filler = None
+        b, s, j = int(cursor["b"]), int(cursor["s"]), int(cursor["j"])
+        raw_stream = self._raw(0, 1, s, j, read_skips)
+        try:
+            while True:
+                cursors[b] = {"b": b, "s": s, "j": j}
+                base, end = b * K, (b + 1) * K
+                while upcoming[-1].start < end:
+                    upcoming.append(next(slots))
+                perm = block_permutation(self.seed, b, K)
+                need: Dict[int, int] = {}  # raw offset in the block -> global index
+                for slot in upcoming:
+                    for i in range(max(slot.start, base), min(slot.stop, end)):
+                        need[perm[i - base]] = i
+                mine: Dict[int, Any] = {}
+                for offset, (s, j, raw) in enumerate(itertools.islice(raw_stream, K)):
+                    if offset in need:
+                        mine[need[offset]] = raw
+                for i in sorted(mine):  # global order
+                    slot = next(x for x in upcoming if x.start <= i < x.stop)
+                    prepared = self._prepare_counted(mine[i], skips, stats)
+                    if prepared is not None:
+                        got.setdefault(slot.n, []).append(prepared)
+                        if filler is None:
+                            filler = _as_filler(prepared)
+                del mine
+                while upcoming and upcoming[0].stop <= end:  # complete micro-batches, in order
+                    slot = upcoming.popleft()
+                    items = [(key, parts, None, record) for key, parts, record in got.pop(slot.n, [])]
+                    if not items:
+                        if filler is None:
+                            filler = self._find_filler(cursors[slot.step_start // K])
+                        items = [(None, filler[1], None, filler[2])]
+                    stats["batches"] += 1
+                    step_cursor = cursors[slot.step_start // K]
+                    batch = self._train_batch(items)
+                    for old in [x for x in cursors if x < slot.step_start // K]:
+                        del cursors[old]
+                    yield {**batch, "_meta": meta(slot, step_cursor)}
+                if not upcoming:
+                    upcoming.append(next(slots))
+                b += 1
+        except NoUsableSampleError as e:
+            yield {"_error": str(e), "_meta": {"worker": w}}
+
+    # -- eval: one exact pass, split over ranks and workers -----------------------------------------
+    def _iter_eval(self, w: int, W: int):
         g, G = self.rank * W + w, self.world_size * W
-        pos = self.resume.get(w) or {"s": 0, "j": 0, "b": 0, "o": 0}
+        pos = self.resume.get(w) or {"s": 0, "j": 0}
         skips, stats = SkipCounter(), Counter()
 
         def meta(state):
@@ -287,7 +399,7 @@ class SampleStream(IterableDataset):
             return
         packer = GreedyPacker(self.batch_size, self.max_length) if self.pack else None
         batch: list = []
-        for raw, after in self._blocks(g, G, pos, skips):
+        for raw, after in self._eval_samples(g, G, pos, skips):
             try:
                 key, parts, record = self.prepare(raw, stats)
             except SampleError as e:
@@ -339,6 +451,8 @@ class Loader:
         self._worker_skips: Dict[int, dict] = {}
         self._worker_stats: Dict[int, dict] = {}
         self._finished = False
+        self._origin, self._handed = 0, 0  # train: global position of micro-batch 0, micro-batches handed out
+        self._cursor = {"b": 0, "s": 0, "j": 0}  # train: a block at or before the position
 
     # -- counters --------------------------------------------------------------------------------
     @property
@@ -365,13 +479,45 @@ class Loader:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         st = self.stream
+        if st.mode == "train":
+            return {"version": TRAIN_STATE_VERSION, "mode": "train", "order": self._order_key(), "rank": st.rank,
+                    "layout": st.layout.as_dict(), **st.layout.position_after(self._origin, self._handed),
+                    "cursor": dict(self._cursor), "skips": self.skips.state_dict(), "stats": self.stats}
         return {"version": STATE_VERSION, "mode": st.mode, "seed": st.seed, "rank": st.rank,
                 "world_size": st.world_size, "num_workers": self.num_workers, "shards": len(st.shards),
                 "batch_size": st.batch_size, "workers": copy.deepcopy(self._states), "next_worker": self._next,
                 "skips": self.skips.state_dict(), "stats": self.stats}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def _order_key(self) -> dict:
+        """What defines the global sample order: resuming needs all of it unchanged."""
         st = self.stream
+        return {"seed": st.seed, "shards": len(st.shards), "shuffle_buffer": st.shuffle_buffer}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Train: a state written by ANY rank, world size or worker count continues the same global
+        order (a state taken mid-step also needs the same micro-batch size, accumulation and world size).
+        The skip and sample counters come back only on the rank that wrote them. Eval: the same rank,
+        world size, worker count, shards and batch size."""
+        st = self.stream
+        if st.mode == "train":
+            if sd.get("version") != TRAIN_STATE_VERSION or sd.get("mode") != "train":
+                raise ValueError(f"data loader state is not a train state of version {TRAIN_STATE_VERSION} "
+                                 f"(got mode {sd.get('mode')!r}, version {sd.get('version')!r})")
+            want = self._order_key()
+            diff = {k: (sd["order"].get(k), v) for k, v in want.items() if sd["order"].get(k) != v}
+            if diff:
+                raise ValueError(f"data loader state does not match this loader (saved, now): {diff}; the global "
+                                 "sample order needs the same seed, shards and shuffle_buffer to continue")
+            if int(sd["micro"]) and sd["layout"] != st.layout.as_dict():
+                raise ValueError(f"data loader state was taken {sd['micro']} micro-batches into a step with layout "
+                                 f"{sd['layout']}; this loader has {st.layout.as_dict()}: resume from a step boundary")
+            self._reset()
+            self._origin, self._handed = int(sd["position"]), int(sd["micro"])
+            self._cursor = dict(sd["cursor"])
+            if sd.get("rank") == st.rank:
+                self._base_skips = SkipCounter.from_state(sd.get("skips"))
+                self._base_stats = Counter(sd.get("stats", {}))
+            return
         want = {"mode": st.mode, "seed": st.seed, "rank": st.rank, "world_size": st.world_size,
                 "num_workers": self.num_workers, "shards": len(st.shards), "batch_size": st.batch_size}
         diff = {k: (sd.get(k), v) for k, v in want.items() if sd.get(k) != v}
@@ -384,22 +530,71 @@ class Loader:
         self._base_skips = SkipCounter.from_state(sd.get("skips"))
         self._base_stats = Counter(sd.get("stats", {}))
 
+    def check_usable(self) -> None:
+        """Raise NoUsableSampleError (with the skip counts by reason) unless the shards hold at least one
+        usable sample. Reads in shard order and stops at the first usable one: call it at setup, so an
+        all-bad set (e.g. data.val) fails before training rather than as an empty metric."""
+        st = copy.copy(self.stream)
+        skips, stats = SkipCounter(), Counter()
+        for path in st.shards:
+            for raw in st._read(path, skips, 0):
+                if st._prepare_counted(raw, skips, stats) is not None:
+                    return
+        raise NoUsableSampleError(f"{st.mode} data: " + no_usable_message(st.shards, skips))
+
     # -- iteration -------------------------------------------------------------------------------
+    def _dataloader(self, stream: SampleStream):
+        kw: Dict[str, Any] = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                               pin_memory=self.pin_memory, **kw))
+
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        if self.stream.mode == "train":
+            return self._iter_train()
+        return self._iter_eval()
+
+    def _iter_train(self) -> Iterator[Dict[str, Any]]:
+        """Micro-batch ``n`` comes from worker ``n % num_workers``; the position is the number handed out."""
+        self._fold_counters()
+        layout = self.stream.layout
+        here = layout.position_after(self._origin, self._handed)
+        self._origin, self._handed = here["position"], here["micro"]  # re-based on the current step
+        stream = copy.copy(self.stream)
+        stream.resume = {**here, "cursor": dict(self._cursor)}
+        n_slots = max(1, self.num_workers)
+        pending: Dict[int, deque] = {w: deque() for w in range(n_slots)}
+        it = self._dataloader(stream)
+        while True:
+            w = self._handed % n_slots
+            while not pending[w]:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    raise RuntimeError(f"data worker {w} of the endless train stream stopped") from None
+                if "_error" in item:
+                    raise NoUsableSampleError(item["_error"])
+                pending[item["_meta"]["worker"]].append(item)
+            item = pending[w].popleft()
+            m = item.pop("_meta")
+            if m["n"] != self._handed:
+                raise RuntimeError(f"data worker {w} sent micro-batch {m['n']}, expected {self._handed}; this is a bug")
+            self._cursor = m["cursor"]
+            self._worker_skips[w], self._worker_stats[w] = m["skips"], m["stats"]
+            self._handed += 1
+            yield item
+
+    def _iter_eval(self) -> Iterator[Dict[str, Any]]:
         if self._finished:  # eval: a finished pass is followed by a fresh full one
             self._reset()
         self._fold_counters()
         n_slots = max(1, self.num_workers)
         stream = copy.copy(self.stream)
         stream.resume = copy.deepcopy(self._states)
-        kw: Dict[str, Any] = {}
-        if self.num_workers > 0:
-            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}
-        dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                        pin_memory=self.pin_memory, **kw)
         active = [w for w in range(n_slots) if not self._states.get(w, {}).get("done")]
         pending: Dict[int, deque] = {w: deque() for w in range(n_slots)}
-        it = iter(dl)
+        it = self._dataloader(stream)
         while active:
             w = self._next if self._next in active else min(active, key=lambda a: (a - self._next) % n_slots)
             while not pending[w]:
@@ -419,9 +614,8 @@ class Loader:
             later = sorted(active, key=lambda a: (a - w - 1) % n_slots)
             self._next = later[0]
             yield item
-        if self.stream.mode == "eval":
-            log.info("eval pass done: %s", self.skips.summary())
-            self._finished = True
+        log.info("eval pass done: %s", self.skips.summary())
+        self._finished = True
 
     def __repr__(self) -> str:
         st = self.stream
@@ -435,7 +629,7 @@ def build_loader(
     rank: int = 0, world_size: int = 1, caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION,
     text_only: bool = False, pack: bool = False, shuffle_buffer: int = 1000,
     pad_to_multiple_of: Optional[int] = None, pin_memory: bool = False, prefetch_factor: Optional[int] = None,
-    multiprocessing_context: Optional[str] = None, companion: Any = None,
+    multiprocessing_context: Optional[str] = None, companion: Any = None, grad_accum: int = 1,
 ) -> Loader:
     """The one entry point: shards + per-model InputSpecs -> a resumable iterable of batches.
 
@@ -447,11 +641,17 @@ def build_loader(
     batches then carry ``"teacher_topk": {"ids" [K, k], "logprobs" [K, k], "log_tail" [K]}`` aligned
     with ``student.loss_targets`` (and no ``"teacher"`` entry). Every shard's companion is found and
     checked here, at startup.
+
+    Train mode slices ONE global sample order (global_order.py): ``grad_accum`` and ``world_size`` say
+    how, so that an optimizer step (``grad_accum`` micro-batches on every rank) sees the same samples
+    whatever the world size; ``batch_size`` counts samples (documents, when packed) per micro-batch.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if not (0 <= rank < world_size):
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if pack and not text_only:
@@ -481,6 +681,6 @@ def build_loader(
                           max_length=max_length, seed=seed, rank=rank, world_size=world_size,
                           caption_instruction=caption_instruction, text_only=text_only, pack=pack,
                           shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of,
-                          companion=companion, companion_paths=companion_paths)
+                          companion=companion, companion_paths=companion_paths, grad_accum=grad_accum)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                   multiprocessing_context=multiprocessing_context)

@@ -79,16 +79,19 @@ class DistillationLoss(nn.Module):
         chunk_size: Optional[int] = None,
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_topk: Optional[Any] = None,
+        denominator: Optional[float] = None,
     ) -> torch.Tensor:
         """Same value and gradients as ``self(h_s @ W_s.T, h_t @ W_t.T, mask, labels)``, computed over
         chunks of tokens so the [N, V] logits never exist at once. The teacher side may be given as
         ``teacher_logits`` instead of hidden states and weight, or as a cached top-k ``teacher_topk``
-        (``{"ids": [N, k], "logprobs": [N, k], "log_tail": [N]}``, rebuilt chunk by chunk: chunked.py)."""
+        (``{"ids": [N, k], "logprobs": [N, k], "log_tail": [N]}``, rebuilt chunk by chunk: chunked.py).
+        ``denominator``: divide the sum over tokens by this instead of their number (a global token
+        count, for a loss that is a mean over more tokens than this call sees)."""
         from .chunked import chunked_lm_head_loss
 
         return chunked_lm_head_loss(
             self, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, mask, labels, chunk_size,
-            teacher_topk,
+            teacher_topk, denominator,
         )
 
     # ---- schedule hooks (no-ops unless the loss has a schedule) --------------------------------

@@ -43,10 +43,11 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, t_logits, t_topk, labels, loss_fn, chunk_size, num_params, *params):
+    def forward(ctx, h_s, w_s, h_t, w_t, t_logits, t_topk, labels, loss_fn, chunk_size, denominator, num_params, *params):
         n = h_s.shape[0]
+        denom = float(denominator)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_params = [ctx.needs_input_grad[10 + i] for i in range(num_params)]
+        need_params = [ctx.needs_input_grad[11 + i] for i in range(num_params)]
         grad_h = torch.empty_like(h_s) if need_h else None
         # Accumulate the weight gradient in at least float32: bf16 sums over many chunks lose precision.
         grad_w = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
@@ -75,12 +76,12 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             s_logits = _matmul_into(s_buf[: end - start], h_chunk, w_s)
             if closed_form is not None:
                 values, d_logits = closed_form(s_logits, teacher_chunk, y, scratch=scratch[: end - start])
-                chunk_loss = values.sum() / n
-                d_logits = d_logits.div_(n)
+                chunk_loss = values.sum() / denom
+                d_logits = d_logits.div_(denom)
             else:
                 with torch.enable_grad():
                     s_logits.requires_grad_(True)
-                    chunk_loss = loss_fn.per_token(s_logits, teacher_chunk, y).sum() / n
+                    chunk_loss = loss_fn.per_token(s_logits, teacher_chunk, y).sum() / denom
                     grads = torch.autograd.grad(chunk_loss, [s_logits, *trainable], allow_unused=True)
                 s_logits.requires_grad_(False)
                 d_logits = grads[0]
@@ -115,7 +116,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scaled = [g if g is None or unit else g * grad_out.to(g.dtype) for g in grads]
         del grads
         grad_h, grad_w, *grad_params = scaled
-        return (grad_h, grad_w, None, None, None, None, None, None, None, None, *grad_params)
+        return (grad_h, grad_w, None, None, None, None, None, None, None, None, None, *grad_params)
 
 
 def _matmul_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -173,8 +174,11 @@ def chunked_lm_head_loss(
     labels: Optional[torch.Tensor],
     chunk_size: Optional[int],
     teacher_topk: Any = None,
+    denominator: Optional[float] = None,
 ) -> torch.Tensor:
-    """See DistillationLoss.fused."""
+    """See DistillationLoss.fused. ``denominator``: what the sum over tokens is divided by; None, the
+    number of masked-in tokens here (a mean). The trainer passes the token count of the whole optimizer
+    step (all micro-batches, all ranks) so that the step's gradient is that of one global mean."""
     name = loss_fn.name
     if student_hidden.dim() != 2 or student_weight.dim() != 2:
         raise ValueError(
@@ -216,6 +220,8 @@ def chunked_lm_head_loss(
                 )
     else:
         teacher_hidden = teacher_weight = teacher_logits = teacher_topk = None
+    if denominator is not None and not float(denominator) > 0:
+        raise ValueError(f"{name}: denominator must be > 0, got {denominator}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
 
@@ -232,4 +238,6 @@ def chunked_lm_head_loss(
     y = labels[mask] if labels is not None else None
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v)
     params = list(loss_fn.parameters())
-    return _ChunkedLMHeadLoss.apply(h_s, student_weight, h_t, w_t, t_logits, t_topk, y, loss_fn, chunk, len(params), *params)
+    denom = float(denominator) if denominator is not None else float(k)
+    return _ChunkedLMHeadLoss.apply(h_s, student_weight, h_t, w_t, t_logits, t_topk, y, loss_fn, chunk, denom,
+                                    len(params), *params)

@@ -1,7 +1,8 @@
 """Atomic checkpoints: written under a temporary tag, renamed when complete, `latest` replaced last.
 
-Layout: OUTPUT_DIR/checkpoints/step00000010/ (DeepSpeed engine state, rank_00000.pt per rank with the
-data stream position and RNG states, COMPLETE) and OUTPUT_DIR/checkpoints/latest (the tag). A crash
+Layout: OUTPUT_DIR/checkpoints/step00000010/ (DeepSpeed engine state with the client state, which
+holds the global data position once; rank_00000.pt per rank with its RNG states; COMPLETE) and
+OUTPUT_DIR/checkpoints/latest (the tag). A crash
 at any point leaves `latest` naming a complete checkpoint; half-written `.tmp-*` folders are ignored
 and cleaned up by the next save.
 """
@@ -100,10 +101,11 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_rank_state(checkpoint: Path, rank: int) -> dict:
+    """This rank's RNG states (and schedule copy). A rank the writing run did not have (resuming on more
+    processes) takes rank 0's; the data position is not here but in the client state, stored once."""
     path = Path(checkpoint) / f"rank_{rank:05d}.pt"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} missing: the checkpoint was written by fewer ranks than this run has; resume with the same "
-            "world size"
-        )
+        path = Path(checkpoint) / f"rank_{0:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the checkpoint is incomplete")
     return torch.load(path, weights_only=False)

@@ -3,16 +3,27 @@
 Holding the loss inside makes learnable loss parameters (CTKD's temperature) part of what the engine
 optimizes and checkpoints, and lets ZeRO-3 gather the student's lm_head weight for the chunked loss:
 the weight is used outside its own module's forward, so it is registered as an external parameter.
+
+Normalisation (one result whatever the world size): the loss of an optimizer step is the mean over
+ALL its supervised tokens (every micro-batch, every rank). Each micro-batch's loss is its token sum
+divided by ``step_denominator`` = (global token count of the step) / (world_size * grad_accum) and
+goes to ``engine.backward(loss)``: DeepSpeed divides it by grad_accum and averages the gradients over
+the ranks, so the accumulated gradient is exactly that of the global mean. ``step_loss`` turns the
+micro-batch values back into that mean (TAID's J). (Not ``backward(..., scale_wrt_gas=False)`` with
+the undivided count: DeepSpeed 0.19.8 still divides by grad_accum under ZeRO-0 when the module's
+output tensor is itself the loss, through its output backward hook, and not under ZeRO-3.)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from taid_vlm.losses import DistillationLoss
+
+from .launch_env import all_reduce_sum
 
 
 def hidden_at(model, inputs: dict) -> torch.Tensor:
@@ -37,11 +48,28 @@ class DistillationObjective(nn.Module):
             deepspeed.zero.register_external_parameter(self, weight)
 
     def forward(self, student_inputs: dict, teacher_hidden: Optional[torch.Tensor] = None,
-                teacher_weight: Optional[torch.Tensor] = None, teacher_topk: Optional[dict] = None) -> torch.Tensor:
+                teacher_weight: Optional[torch.Tensor] = None, teacher_topk: Optional[dict] = None,
+                denominator: Optional[float] = None) -> torch.Tensor:
+        """The loss of one micro-batch: its sum over supervised tokens divided by ``denominator``
+        (step_denominator), or their mean when None."""
         h_s = hidden_at(self.student, student_inputs)
         w_s = self.student.output_weight()[: self.vocab_size]
         w_t = teacher_weight[: self.vocab_size] if teacher_weight is not None else None
         return self.loss_fn.fused(
             h_s, w_s, teacher_hidden, w_t, mask=None, labels=student_inputs["loss_targets"], chunk_size=self.chunk_size,
-            teacher_topk=teacher_topk,
+            teacher_topk=teacher_topk, denominator=denominator,
         )
+
+
+def step_denominator(batches: Iterable[dict], world_size: int, grad_accum: int, device: torch.device) -> float:
+    """(supervised tokens of this optimizer step over all ranks) / (world_size * grad_accum); every rank
+    calls it with its micro-batches of the step, before the first forward (the gradients scale by it)."""
+    local = sum(int(b["student"]["loss_targets"].numel()) for b in batches)
+    (total,) = all_reduce_sum([float(local)], device)
+    return max(total, 1.0) / (world_size * grad_accum)
+
+
+def step_loss(micro_values: Iterable[float], world_size: int, grad_accum: int, device: torch.device) -> float:
+    """The mean over all the step's supervised tokens, from this rank's micro-batch loss values."""
+    (total,) = all_reduce_sum([float(sum(micro_values))], device)
+    return total / (world_size * grad_accum)

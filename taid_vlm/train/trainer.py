@@ -21,11 +21,13 @@ from taid_vlm.losses import build_loss
 
 from . import checkpoint as ckpt
 from .ds_config import student_ds_config, teacher_zero3_config
+from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
 from .launch_env import all_reduce_sum, init_distributed
 from .lr_schedule import build_lr_scheduler
 from .metrics_log import MetricsLog
-from .objective import DistillationObjective
+from .objective import DistillationObjective, step_denominator
+from .objective import step_loss as global_step_loss
 from .synthetic import ensure_synthetic_data
 from .teacher import Teacher
 
@@ -113,7 +115,8 @@ def build_loaders(cfg: RunConfig, student, teacher, rank: int, world: int, cache
         shuffle_buffer=cfg.data.shuffle_buffer, companion=cache,
     )
     t_spec = teacher.input_spec if teacher is not None else None
-    train = build_loader(_shards(cfg, cfg.data.train), student.input_spec, t_spec, mode="train", **common)
+    train = build_loader(_shards(cfg, cfg.data.train), student.input_spec, t_spec, mode="train",
+                         grad_accum=cfg.train.grad_accum, **common)
     val = None
     if cfg.data.val is not None:
         val_common = {**common, "pack": False}
@@ -174,6 +177,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
         teacher = Teacher(teacher_model, cfg.teacher.placement, device, t_dtype, ds_t)
     train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world, cache)
+    for data in [train_loader] + ([make_val_loader()] if make_val_loader is not None else []):
+        data.check_usable()  # an all-bad set fails now (reasons listed), not as a hang or a 0.0 metric
 
     # ---- resume ----------------------------------------------------------------------------------
     step = 0
@@ -182,11 +187,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if resume is True and found is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
     if found is not None:
-        _, client = engine.load_checkpoint(str(ckpt_root), tag=found.name)
+        client = load_engine_checkpoint(engine, found, world, rank)  # any world size (elastic.py)
         step = int(client["step"])
         loss_fn.load_schedule_state(client["schedule"])
         rank_state = ckpt.load_rank_state(found, rank)
-        train_loader.load_state_dict(rank_state["loader"])
+        train_loader.load_state_dict(client["data"])
         ckpt.set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d", found, step)
 
@@ -196,9 +201,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     def save(at_step: int) -> None:
         client = {"step": at_step, "schedule": loss_fn.schedule_state(), "config": cfg.to_dict(),
-                  "model_type": student_model.kind}
+                  "model_type": student_model.kind, "data": train_loader.state_dict(), "world_size": world}
         # Each rank records its own schedule too: a check that every rank holds the same t.
-        rank_state = {"loader": train_loader.state_dict(), "rng": ckpt.rng_state(), "schedule": loss_fn.schedule_state()}
+        rank_state = {"rng": ckpt.rng_state(), "schedule": loss_fn.schedule_state()}
         path = ckpt.save_checkpoint(engine, ckpt_root, at_step, client, rank_state, rank, cfg.train.keep_last)
         if rank == 0:
             log.info("checkpoint %s", path)
@@ -214,14 +219,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         return result
 
     # ---- loop ------------------------------------------------------------------------------------
-    def forward(batch: dict) -> torch.Tensor:
+    def forward(batch: dict, denominator: float) -> torch.Tensor:
         if "teacher_topk" in batch:
-            return engine(batch["student"], teacher_topk=batch["teacher_topk"])
+            return engine(batch["student"], teacher_topk=batch["teacher_topk"], denominator=denominator)
         if teacher is None:
-            return engine(batch["student"])
+            return engine(batch["student"], denominator=denominator)
         h_t = teacher.hidden(batch["teacher"])
         with teacher.output_weight() as w_t:
-            return engine(batch["student"], h_t, w_t)
+            return engine(batch["student"], h_t, w_t, denominator=denominator)
 
     total = cfg.train.total_steps
     train_iter = iter(train_loader)
@@ -237,11 +242,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         step_grad_norm = None
         micro_losses, skipped = [], 0
         step_tokens, step_supervised = 0.0, 0.0
+        step_batches = [next(train_iter) for _ in range(cfg.train.grad_accum)]
+        denominator = step_denominator(step_batches, world, cfg.train.grad_accum, device)
         while len(micro_losses) < cfg.train.grad_accum:
-            batch = to_device(next(train_iter), device)
+            batch = to_device(step_batches.pop(0) if step_batches else next(train_iter), device)
             s_in = batch["student"]
             try:
-                loss = forward(batch)
+                loss = forward(batch, denominator)
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(
                     f"out of memory at step {step + 1}: student input_ids {tuple(s_in['input_ids'].shape)}, "
@@ -274,8 +281,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             step_tokens += float(s_in["attention_mask"].sum())
             step_supervised += float(s_in["loss_targets"].numel())
         step += 1
-        count, summed = all_reduce_sum([float(len(micro_losses)), sum(micro_losses)], device)
-        step_loss = summed / count
+        step_loss = global_step_loss(micro_losses, world, cfg.train.grad_accum, device)
         loss_fn.update(step_loss, step, total)
 
         tok, sup = all_reduce_sum([step_tokens, step_supervised], device)
