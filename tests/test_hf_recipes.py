@@ -32,7 +32,7 @@ REAL_GEOMETRY = {
         vision_config=dict(_VIT, model_type="siglip_vision_model", image_size=384, patch_size=14,
                            vision_use_head=False)),  # as the real config: no pooling head (unused)
 }
-RECIPES = {"qwen2_5_vl_7b_to_3b.yaml": "qwen2_5_vl", "internvl_8b_to_2b.yaml": "internvl",
+RECIPES = {"qwen2_5_vl_7b_to_3b.yaml": "qwen2_5_vl", "taid_vlm_2b.yaml": "internvl",
            "llava_onevision_7b_to_0p5b.yaml": "llava_onevision"}
 
 
