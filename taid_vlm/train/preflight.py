@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -59,8 +60,10 @@ def check_hf_config(conf: dict, where: str, config_class=None, also_known: froze
     known = _known_hf_keys(config_class) | also_known
     for key in conf:
         if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key for {config_class.__name__} "
-                              f"(known: {', '.join(sorted(k for k in known if not k.startswith('_')))})")
+            shown = sorted(k for k in known if not k.startswith("_"))
+            close = difflib.get_close_matches(key, shown, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{where}.{key}: unknown key for {config_class.__name__}; {hint}known: {', '.join(shown)}")
     try:  # keys the class itself writes into its default sub-configs count as known there
         defaults = config_class().to_dict()
     except Exception:
@@ -172,3 +175,36 @@ def check_resume_compatible(cfg: RunConfig, checkpoint: Path) -> None:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise UserError(f"cannot resume: the config changed since {Path(checkpoint).name} was written ({shown}); "
                         "undo the change, or start fresh with --overwrite or a new --output-dir", where=str(checkpoint))
+
+
+# ---- all of it, in order ----------------------------------------------------------------------------
+
+def prepare_run(cfg: RunConfig, out_dir: Path, rank: int) -> Optional[Path]:
+    """Every rank, before any model is built. Returns the checkpoint to resume from (None: a fresh run).
+
+    The checks only read, so every rank reaches the same verdict; rank 0 then clears (`--overwrite`) or
+    tidies (stale `.tmp-*`) the folder and records this run's config.yaml.
+    """
+    from . import checkpoint as ckpt
+    from .launch_env import barrier
+    from .run_folder import check_run_folder, clean_stale_temporaries, clear_run_folder
+
+    ckpt_root = Path(out_dir) / "checkpoints"
+    resume, overwrite = cfg.train.resume, cfg.train.overwrite
+    found = ckpt.latest_checkpoint(ckpt_root) if resume and not overwrite else None
+    if resume is True and found is None:
+        raise UserError("--resume: no complete checkpoint to continue from; start a new run without --resume",
+                        where=str(ckpt_root))
+    if found is not None:
+        check_resume_compatible(cfg, found)
+    check_run_folder(out_dir, resuming=found is not None, overwrite=overwrite)
+    check_model_sections(cfg)
+    barrier()  # every rank has looked at the folder before rank 0 changes it
+    if rank == 0:
+        if overwrite:
+            clear_run_folder(out_dir)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(ckpt_root)
+        (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    barrier()
+    return found

@@ -30,22 +30,23 @@ def previous_run(out_dir: Path) -> list[str]:
     return found
 
 
-def prepare_run_folder(out_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Rank 0, before anything is built: refuse a folder of another run, or clear it with `overwrite`."""
-    out_dir = Path(out_dir)
-    if resuming:
-        return
-    found = previous_run(out_dir)
+def check_run_folder(out_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in the folder of another run (unless resuming it or overwriting it)."""
+    found = previous_run(out_dir) if not resuming else []
     if found and not overwrite:
         raise UserError(f"the output folder already holds another run ({', '.join(found)}); continue it with --resume, "
                         "replace it with --overwrite, or choose another --output-dir", where=str(out_dir))
-    if overwrite:
-        for name in RUN_ENTRIES:
-            path = out_dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+
+
+def clear_run_folder(out_dir: Path) -> None:
+    """`--overwrite`: delete what a run writes (RUN_ENTRIES), nothing else the folder holds."""
+    out_dir = Path(out_dir)
+    for name in RUN_ENTRIES:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def clean_stale_temporaries(ckpt_root: Path) -> list[str]:
@@ -53,7 +54,7 @@ def clean_stale_temporaries(ckpt_root: Path) -> list[str]:
     ckpt_root = Path(ckpt_root)
     removed = []
     if ckpt_root.is_dir():
-        for stale in ckpt_root.glob(".tmp-*"):
+        for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".*.tmp-*")]:
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:

@@ -52,7 +52,7 @@ class GracefulStop:
         log.warning("%s received: finishing the current optimizer step, then saving a checkpoint and exiting "
                     "(send it again to exit at once, without saving)", signal.Signals(signum).name)
 
-    def __enter__(self) -> "GracefulStop":
+    def install(self) -> "GracefulStop":
         for sig in HANDLED:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -60,7 +60,13 @@ class GracefulStop:
                 pass
         return self
 
-    def __exit__(self, *exc) -> None:
+    def uninstall(self) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
         self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
