@@ -125,7 +125,10 @@ SECOND_SIGNAL = textwrap.dedent(
         os.kill(os.getpid(), signum)
         time.sleep(0.2)
         assert stop.requested and stop.signum == signum
+        os.kill(os.getpid(), signum)   # within the window: a launcher forwarding the same signal
+        time.sleep(0.2)
         print("first signal: still running", flush=True)
+        time.sleep(2.0)
         os.kill(os.getpid(), signum)
         time.sleep(5)
         print("not reached", flush=True)
@@ -288,3 +291,45 @@ def test_dropped_micro_batches_are_counted_in_metrics(shapes_text, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 13)) and all(r["loss"] is not None for r in steps)
     assert warned > 0 and steps[-1]["dropped_micro_batches"] == warned
     assert sum(r["skipped_micro_batches"] for r in steps) == warned
+
+
+def _wait_for_group(pgid: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail("processes of the launch still running")
+
+
+def test_sigterm_to_the_deepspeed_launcher_group_saves_on_every_rank(shapes_text, tmp_path):
+    """What a scheduler does: SIGTERM to every process of the job (launcher and ranks). DeepSpeed's launcher
+    forwards it once more to each rank; both ranks still stop after the same step and save together."""
+    common = [*data(shapes_text), f"train.total_steps={STEPS}", "train.micro_batch_size=2"]
+    out = tmp_path / "two"
+    log = tmp_path / "two.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(train_cmd("tiny_text.yaml", out, *common, nproc=2), env=env(), stdout=stderr,
+                                stderr=stderr, start_new_session=True)
+        try:
+            while max(step_losses(out), default=0) < 3 if (out / "metrics.jsonl").exists() else True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended early: {log.read_text()[-3000:]}")
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=TIMEOUT)
+            _wait_for_group(proc.pid)  # the `deepspeed` runner dies at once; launcher and ranks finish the save
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    stopped = [r for r in records(out) if r.get("event") == "stopped"]
+    assert len(stopped) == 1, text[-3000:]
+    tag = f"step{stopped[0]['step']:08d}"
+    final = out / "checkpoints" / tag
+    assert (final / "COMPLETE").is_file() and (final / "rank_00000.pt").is_file() and (final / "rank_00001.pt").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == tag
+    assert text.count(f"stopped by SIGTERM after step {stopped[0]['step']}") == 2, text[-3000:]  # both ranks

@@ -6,6 +6,8 @@ The CLI turns that into one line and exit code 128 + signal (143 for SIGTERM, 13
 scheduler sees a non-zero code and requeues the job, which then continues with `--resume`.
 A second signal means "now": the default action is restored and the signal re-raised, so the process
 ends at once (nothing is saved; the previous checkpoint stays complete, see checkpoint.py).
+Signals within DUPLICATE_WINDOW_S of the first count as the same request: a launcher (deepspeed,
+torchrun) forwards the SIGTERM/Ctrl-C its process group already delivered to every rank.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Optional
 
 log = logging.getLogger("taid_vlm.train")
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+DUPLICATE_WINDOW_S = 2.0
 
 
 class TrainingStopped(Exception):
@@ -36,6 +40,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self._first_at = 0.0
         self._previous: dict = {}
 
     @property
@@ -43,12 +48,14 @@ class GracefulStop:
         return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None and time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
+            return  # the launcher forwarding the same request
         if self.signum is not None:  # the second signal: exit now, by the signal itself
             for sig, old in self._previous.items():
                 signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         log.warning("%s received: finishing the current optimizer step, then saving a checkpoint and exiting "
                     "(send it again to exit at once, without saving)", signal.Signals(signum).name)
 
