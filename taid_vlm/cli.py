@@ -62,7 +62,7 @@ def _compare(args) -> int:
         losses = parse_losses(args.losses) if args.losses is not None else None
         return run_cli(args.config, losses, args.seeds, args.steps, args.out, list(args.overrides), args.fresh)
     except CompareError as e:
-        print(f"taid-vlm compare: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -50,7 +50,8 @@ class DivergenceGuard:
                     "(train.max_zero_grad_steps: 0 turns this check off)")
         if self.loss_jump_factor and len(self.recent) >= self.min_history and math.isfinite(loss):
             median = statistics.median(self.recent)
-            if median > 0 and loss > self.loss_jump_factor * median:
+            # Orders of magnitude AND more than one nat: 1e-4 -> 1e-2 near convergence is not a divergence.
+            if median > 0 and loss > self.loss_jump_factor * median and loss > median + 1.0:
                 raise DivergenceError(
                     f"the run diverged: the loss jumped to {loss:.4g} at step {step}, {loss / median:.3g} times the "
                     f"median {median:.4g} of the last {len(self.recent)} steps. {HINT} "
