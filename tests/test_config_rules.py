@@ -89,3 +89,19 @@ def test_unknown_hugging_face_config_keys_are_errors():
         check_hf_config(CONFIG_MAPPING[model_type]().to_dict(), model_type)
     with pytest.raises(ConfigError, match=r"m.text_config.hiden_size: unknown key for Qwen2VLTextConfig"):
         check_hf_config({"model_type": "qwen2_vl", "text_config": {"hiden_size": 8}}, "m")
+
+
+def test_one_voice_for_user_errors_and_debug_shows_the_traceback(tmp_path, capsys):
+    from taid_vlm.cli import main
+
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
+    with pytest.raises(ConfigError, match="config file not found"):
+        main(["train", str(tmp_path / "nope.yaml"), "--debug"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        main(["--debug", "train", str(tmp_path / "nope.yaml")])
+    assert main(["train", str(TINY_TEXT), "train.precision=fp16"]) == 2
+    assert capsys.readouterr().err.strip() == "error: must be one of fp32, bf16, got 'fp16' (train.precision)"
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: no complete checkpoint at {tmp_path}") and "\n" not in err
