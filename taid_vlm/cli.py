@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Optional
 
+from taid_vlm.errors import USER_ERROR_STATUS, UserError, error_line
+
 
 def _train(args) -> int:
     from taid_vlm.config import load_config
@@ -22,22 +24,18 @@ def _train(args) -> int:
         overrides.append(f"train.save_every={args.save_every}")
     if args.resume:
         overrides.append("train.resume=true")
-    cfg = load_config(args.config, overrides)
-    if args.output_dir:  # a command-line output dir is relative to the caller, not to the config file
-        cfg.output_dir = os.path.abspath(args.output_dir)
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
+    cfg = load_config(args.config, overrides)  # command-line paths resolve against the working directory
     train(cfg)
     return 0
 
 
 def _export(args) -> int:
-    from taid_vlm.train.export import ExportError, export_student
+    from taid_vlm.train.export import export_student
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite)
-    except ExportError as e:  # user errors: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    export_student(args.checkpoint, args.out_dir, overwrite=args.overwrite)  # ExportError is a UserError
     return 0
 
 
@@ -61,7 +59,7 @@ def _compare(args) -> int:
         losses = parse_losses(args.losses) if args.losses is not None else None
         return run_cli(args.config, losses, args.seeds, args.steps, args.out, list(args.overrides), args.fresh)
     except CompareError as e:
-        print(f"taid-vlm compare: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 
@@ -77,6 +75,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="taid-vlm", description="Distil vision-language and language models with TAID.")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a distillation from a YAML config",
@@ -87,13 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, help="train.total_steps")
     t.add_argument("--save-every", type=int, help="train.save_every")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a folder of another run: deletes its checkpoints/, metrics.jsonl, config.yaml "
+                        "and tensorboard/ (nothing else)")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="write the student of a checkpoint as a Hugging Face model folder")
     e.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run's output dir (latest)")
     e.add_argument("out_dir", help="a new or empty folder (written beside it, then renamed into place)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (never merged into it)")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     e.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="end to end on a CPU in minutes: teacher VLM, TAID and SFT students, report",
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="tiny sizes, seconds: a smoke test of the pipeline")
     d.add_argument("--fresh", action="store_true", help="retrain every step (default: reuse finished identical runs)")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     d.set_defaults(func=_demo)
 
     c = sub.add_parser("compare", help="run several losses on the same setup and seeds; one table + plot",
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default: the config's)")
     c.add_argument("--out", help="output folder (default: runs/compare/CONFIG_NAME)")
     c.add_argument("--fresh", action="store_true", help="retrain every run (default: reuse finished identical runs)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     c.set_defaults(func=_compare)
     return ap
 
@@ -131,13 +137,45 @@ def main(argv: Optional[list] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if args.command in ("train", "compare"):
         args.overrides = list(args.overrides) + extra
-    from taid_vlm.config import ConfigError
+    return run_command(args)
 
+
+def run_command(args) -> int:
+    """One voice: user errors `error: <what> (<where>)` and exit 2; a stopped run its message and 128 + signal;
+    a diverged run its message and 1; tracebacks only for bugs (or with --debug)."""
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"taid-vlm: config error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # ConfigError, run folder, resume mismatch, missing checkpoint, disk full
+        if args.debug:
+            raise
+        print(error_line(e), file=sys.stderr)
+        return USER_ERROR_STATUS
+    except KeyboardInterrupt:  # before training started (or demo/compare): nothing to save
+        if args.debug:
+            raise
+        print("taid-vlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        stopped = _run_end(e)
+        if stopped is None or args.debug:
+            raise
+        message, code = stopped
+        print(message, file=sys.stderr)
+        return code
+
+
+def _run_end(e: BaseException):
+    """A run that ended on purpose: a signal (saved; resume later) or the divergence guard."""
+    if "taid_vlm.train" not in sys.modules:
+        return None
+    from taid_vlm.train.guard import DivergenceError
+    from taid_vlm.train.signals import TrainingStopped
+
+    if isinstance(e, TrainingStopped):
+        return f"taid-vlm: {e}", e.exit_code
+    if isinstance(e, DivergenceError):
+        return f"error: {e}", 1
+    return None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,19 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from taid_vlm.errors import UserError
 
-class ConfigError(ValueError):
-    """A bad configuration; the message starts with the dotted key."""
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration; the message starts with the dotted key (`key.sub: what is wrong`)."""
+
+    def __init__(self, message: str):
+        key, sep, what = str(message).partition(": ")
+        if sep and key and " " not in key:  # "loss.name: must be one of ..." -> what, where = key
+            self.what, self.where = what, key
+        else:
+            self.what, self.where = str(message), None
+        ValueError.__init__(self, message)
 
 
 @dataclass
@@ -102,6 +113,12 @@ class TrainConfig:
     keep_last: int = 2
     max_nonfinite_in_a_row: int = 5       # non-finite micro-batches in a row before the run stops
     resume: Union[bool, str] = False      # false | true | auto
+    overwrite: bool = False               # start fresh in a folder of another run (deletes only its checkpoints/,
+                                          # metrics.jsonl, config.yaml, tensorboard/)
+    loss_jump_factor: float = 100.0       # stop when a step loss exceeds this times the recent median (0: off)
+    max_zero_grad_steps: int = 3          # stop after this many steps in a row with gradient norm 0 (0: off)
+    param_growth_factor: float = 100.0    # never checkpoint parameters whose norm grew this much since the last
+                                          # checkpoint / the start (0: off); non-finite parameters are never saved
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -131,8 +148,20 @@ class RunConfig:
 
 # ---- loading -----------------------------------------------------------------------------------
 
+# Config values that are paths (dotted keys), and the keys inside model sections that name local paths.
+PATH_KEYS = ("output_dir", "data.train", "data.val", "data.synthetic_dir", "teacher.cache", "deepspeed.config_file")
+MODEL_PATH_KEYS = ("path", "saved")        # always local folders/files
+MODEL_MAYBE_PATH_KEYS = ("pretrained",)    # a local file, or an open_clip tag (kept when no such file exists)
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[list] = None, data: Optional[dict] = None) -> RunConfig:
-    """Read YAML (or take `data`), apply `key.sub=value` overrides, type-check and validate."""
+    """Read YAML (or take `data`), apply `key.sub=value` overrides, type-check and validate.
+
+    Relative paths: a path written in a config file (or a model file it names) resolves against the folder
+    of that file; a path given on the command line (an override, --output-dir) against the working
+    directory. Model files are read before the overrides apply, so `student.model.llm.config.hidden_size=32`
+    reaches into `student.model: models/student.yaml`.
+    """
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -141,27 +170,74 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list] =
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        config_dir = str(path.resolve().parent)
+        config_dir = Path(path.resolve().parent)
     else:
         raw = copy.deepcopy(data or {})
-        config_dir = str(Path.cwd())
+        config_dir = Path.cwd()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    raw.setdefault("config_dir", str(config_dir))
+    base = Path(raw["config_dir"])
+    for role in ("teacher", "student"):
+        if isinstance(raw.get(role), dict):
+            raw[role]["model"] = _read_model(raw[role].get("model"), base, f"{role}.model")
+    keys = []
     for item in overrides or []:
-        apply_override(raw, item)
-    raw.setdefault("config_dir", config_dir)
+        keys.append(apply_override(raw, item, cwd=Path.cwd()))
     cfg = from_dict(RunConfig, raw, "")
-    _inline_model_files(cfg)
+    _drop_params_of_another_loss(cfg, keys)
     validate(cfg)
     return cfg
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """`a.b.c=value`; value parsed as YAML (numbers, booleans, lists, null)."""
+def _read_model(model, base: Path, where: str):
+    """A model section: a path to a model YAML file is read (its paths resolve against its folder)."""
+    if isinstance(model, str):
+        file = Path(model).expanduser()
+        file = file if file.is_absolute() else (base / file)
+        if not file.is_file():
+            raise ConfigError(f"{where}: file not found: {file.resolve()}")
+        try:
+            model = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: {file}: not valid YAML: {e}") from None
+        if not isinstance(model, dict):
+            raise ConfigError(f"{where}: {file} must hold a mapping (a model config)")
+        base = file.resolve().parent
+    if isinstance(model, dict):
+        _resolve_model_paths(model, base)
+    return model
+
+
+def _absolute(value, cwd: Path):
+    """A path value (str, comma-separated str or list) made absolute against `cwd`; remote URLs kept."""
+    def one(s: str) -> str:
+        s = s.strip()
+        if "://" in s or s.startswith("pipe:"):
+            return s
+        p = Path(s).expanduser()
+        return str(p if p.is_absolute() else cwd / p)
+
+    if isinstance(value, list):
+        return [one(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, str):
+        if "," in value and "{" not in value:
+            return ",".join(one(v) for v in value.split(","))
+        return one(value)
+    return value
+
+
+def apply_override(raw: dict, item: str, cwd: Optional[Path] = None) -> str:
+    """`a.b.c=value`; value parsed as YAML (numbers, booleans, lists, null). Returns the dotted key.
+
+    With `cwd` (the command line), path values resolve against it: the keys in PATH_KEYS, a model file
+    (`student.model=FILE`) and `path`/`saved` entries inside a model section.
+    """
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key.sub=value")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -171,9 +247,42 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set '{key}'")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
-        node[parts[-1]] = value
+        parsed = value
+    if cwd is not None:
+        if key in PATH_KEYS:
+            parsed = _absolute(parsed, cwd)
+        elif len(parts) == 2 and parts[0] in ("teacher", "student") and parts[1] == "model":
+            parsed = _read_model(parsed, cwd, key)
+        elif len(parts) > 2 and parts[0] in ("teacher", "student") and parts[1] == "model":
+            if isinstance(parsed, dict):
+                _resolve_model_paths(parsed, cwd)
+            elif parts[-1] in MODEL_PATH_KEYS + MODEL_MAYBE_PATH_KEYS and isinstance(parsed, str):
+                probe = {parts[-1]: parsed}
+                _resolve_model_paths(probe, cwd)
+                parsed = probe[parts[-1]]
+    node[parts[-1]] = parsed
+    return key
+
+
+def _drop_params_of_another_loss(cfg: "RunConfig", override_keys: list) -> None:
+    """`loss.name=fkl` on the command line over a file written for taid: the file's TAID parameters do not
+    apply to fkl. They are dropped with a warning when the loss name came from the command line and the
+    parameters did not; parameters the user set for the loss they chose stay errors when wrong."""
+    if "loss.name" not in override_keys or any(k == "loss.params" or k.startswith("loss.params.") for k in override_keys):
+        return
+    from taid_vlm.losses import LOSS_NAMES, loss_parameters
+
+    if cfg.loss.name not in LOSS_NAMES:
+        return  # validate() names the bad loss
+    accepted = loss_parameters(cfg.loss.name)
+    dropped = sorted(k for k in cfg.loss.params if k not in accepted)
+    if dropped:
+        logging.getLogger("taid_vlm.config").warning(
+            "loss.params: %s from the config file do not apply to loss '%s' (set on the command line): dropped",
+            ", ".join(dropped), cfg.loss.name)
+        cfg.loss.params = {k: v for k, v in cfg.loss.params.items() if k in accepted}
 
 
 def from_dict(cls, raw: Any, where: str):
@@ -242,32 +351,22 @@ def _coerce(tp, value, where: str):
     return value
 
 
-def _inline_model_files(cfg: RunConfig) -> None:
-    """`teacher.model: path/to/model.yaml` -> its contents (resolved against the config folder)."""
-    for role in ("teacher", "student"):
-        section = getattr(cfg, role)
-        model = section.model
-        if isinstance(model, str):
-            path = Path(cfg.resolve_path(model))
-            if not path.is_file():
-                raise ConfigError(f"{role}.model: file not found: {path}")
-            section.model = yaml.safe_load(path.read_text())
-            _resolve_model_paths(section.model, path.parent)
-        elif isinstance(model, dict):
-            _resolve_model_paths(model, Path(cfg.config_dir))
-
-
 def _resolve_model_paths(model: dict, base: Path) -> None:
-    """Local `path:` entries inside a model config resolve against the file that names them."""
+    """Local `path:`/`saved:` entries inside a model config resolve against the file that names them
+    (`pretrained:` too, when such a file exists: otherwise it is an open_clip tag)."""
     def visit(node):
         if isinstance(node, dict):
             for k, v in node.items():
-                if k in ("path", "pretrained", "saved") and isinstance(v, str) and not Path(v).is_absolute():
-                    candidate = (base / v).resolve()
-                    if candidate.exists():
+                if k in MODEL_PATH_KEYS + MODEL_MAYBE_PATH_KEYS and isinstance(v, str):
+                    p = Path(v).expanduser()
+                    candidate = p if p.is_absolute() else (base / p).resolve()
+                    if k in MODEL_PATH_KEYS or candidate.exists():
                         node[k] = str(candidate)
                 else:
                     visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
 
     visit(model)
 
@@ -329,6 +428,11 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)
     if t.resume not in (True, False, "auto"):
         raise ConfigError(f"train.resume: must be true, false or auto, got {t.resume!r}")
+    if t.resume is True and t.overwrite:
+        raise ConfigError("train.overwrite: --overwrite deletes the run that --resume would continue; choose one")
+    _positive("train.loss_jump_factor", t.loss_jump_factor, allow_zero=True)
+    _positive("train.max_zero_grad_steps", t.max_zero_grad_steps, allow_zero=True)
+    _positive("train.param_growth_factor", t.param_growth_factor, allow_zero=True)
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     if cfg.deepspeed.config_file is not None and not Path(cfg.resolve_path(cfg.deepspeed.config_file)).is_file():
         raise ConfigError(f"deepspeed.config_file: file not found: {cfg.resolve_path(cfg.deepspeed.config_file)}")

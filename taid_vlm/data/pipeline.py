@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ..errors import UserError
 from ..spec import InputSpec
 from .align import align_labels
 from .collate import GreedyPacker, collate, collate_packed
@@ -72,7 +73,7 @@ def _identity(x):
     return x
 
 
-class NoUsableSampleError(RuntimeError):
+class NoUsableSampleError(UserError, RuntimeError):
     """A full pass over the shards found no sample that can be trained on (the message lists why)."""
 
 

@@ -22,6 +22,7 @@ from typing import Tuple
 
 import torch
 
+from taid_vlm.errors import UserError
 from taid_vlm.folders import DestinationError, check_destination, staged_folder
 
 from .checkpoint import resolve_checkpoint
@@ -33,7 +34,7 @@ FORMAT_HF_VLM = "transformers image-text-to-text"
 FORMAT_TAID = "taid-vlm"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A user error in an export request; the message is one line: ``<what> (<where>)``."""
 
 

@@ -47,12 +47,14 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
                     self._tb.add_scalar(k, v, record["step"])
 
-    def progress(self, step: int, loss: float, t: Optional[float], tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float, t: Optional[float], tokens_per_s: float, dropped: int = 0) -> None:
         if self._bar is None:
             return
         post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
         if t is not None:
             post["t"] = f"{t:.3f}"
+        if dropped:
+            post["dropped"] = str(dropped)  # non-finite micro-batches left out so far
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(step - self._bar.n)
 

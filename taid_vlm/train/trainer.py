@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from taid_vlm.config import ConfigError, RunConfig
 from taid_vlm.losses import build_loss
 
 from . import checkpoint as ckpt
+from . import preflight
+from .guard import DivergenceError, DivergenceGuard, parameter_norm
+from .run_summary import summary_lines
+from .signals import GracefulStop, TrainingStopped
 from .ds_config import student_ds_config, teacher_zero3_config
 from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
@@ -36,7 +39,7 @@ log = logging.getLogger("taid_vlm.train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergenceError):
     pass
 
 
@@ -143,14 +146,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out_dir = Path(cfg.resolve_path(cfg.output_dir))
     ckpt_root = out_dir / "checkpoints"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    found = preflight.prepare_run(cfg, out_dir, rank)  # [H6] checks before anything heavy; the run folder
     torch.manual_seed(cfg.seed)  # same initialisation on every rank
     ensure_synthetic_data(cfg, rank)
+    shards = preflight.shard_lists(cfg)  # [H6] train AND val shards exist
 
     # ---- models, loss, engines -----------------------------------------------------------------
-    teacher_model, student_model = build_models(cfg)
+    try:
+        teacher_model, student_model = build_models(cfg)
+    except (ValueError, OSError) as e:  # [H6] the model builders name the key; a bad folder is a user error too
+        raise ConfigError(str(e)) from e
     cache = open_teacher_cache(cfg, student_model)
     bf16 = cfg.train.precision == "bf16"
     vocab_size = len(student_model.tokenizer)
@@ -179,16 +184,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world, cache)
     for data in [train_loader] + ([make_val_loader()] if make_val_loader is not None else []):
         data.check_usable()  # an all-bad set fails now (reasons listed), not as a hang or a 0.0 metric
+    if rank == 0:  # [H6]
+        for line in summary_lines(teacher_model, student_model, world, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                  cfg.data.max_length, shards, cfg.teacher.cache):
+            log.info(line)
 
     # ---- resume ----------------------------------------------------------------------------------
     step = 0
-    resume = cfg.train.resume
-    found = ckpt.latest_checkpoint(ckpt_root) if resume else None
-    if resume is True and found is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
+    dropped_total = 0
     if found is not None:
         client = load_engine_checkpoint(engine, found, world, rank)  # any world size (elastic.py)
         step = int(client["step"])
+        dropped_total = int(client.get("dropped_micro_batches", 0))
         loss_fn.load_schedule_state(client["schedule"])
         rank_state = ckpt.load_rank_state(found, rank)
         train_loader.load_state_dict(client["data"])
@@ -199,14 +206,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if found is not None:
         metrics.write({"event": "resume", "step": step, "checkpoint": str(found)})
 
-    def save(at_step: int) -> None:
+    zero3 = cfg.deepspeed.zero_stage == 3
+    guard = DivergenceGuard(cfg.train.loss_jump_factor, cfg.train.max_zero_grad_steps, cfg.train.param_growth_factor)
+    guard.set_reference(parameter_norm(engine.module, zero3, lambda v: all_reduce_sum(v, device)))  # [H6]
+
+    def save(at_step: int) -> Path:
+        # [H6] never write non-finite or blown-up parameters
+        guard.check_before_save(at_step, parameter_norm(engine.module, zero3, lambda v: all_reduce_sum(v, device)))
         client = {"step": at_step, "schedule": loss_fn.schedule_state(), "config": cfg.to_dict(),
-                  "model_type": student_model.kind, "data": train_loader.state_dict(), "world_size": world}
+                  "model_type": student_model.kind, "data": train_loader.state_dict(), "world_size": world,
+                  "dropped_micro_batches": dropped_total}
         # Each rank records its own schedule too: a check that every rank holds the same t.
         rank_state = {"rng": ckpt.rng_state(), "schedule": loss_fn.schedule_state()}
-        path = ckpt.save_checkpoint(engine, ckpt_root, at_step, client, rank_state, rank, cfg.train.keep_last)
+        path = ckpt.save_checkpoint(engine, ckpt_root, at_step, client, rank_state, rank, cfg.train.keep_last,
+                                    run_config=cfg.to_dict())
         if rank == 0:
             log.info("checkpoint %s", path)
+        return path
 
     def run_eval(at_step: int) -> dict[str, float]:
         if make_val_loader is None:
@@ -238,6 +254,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     manual_grad_norm = cfg.deepspeed.zero_stage == 0 and not bf16
     if cfg.train.eval_at_start and step == 0:
         last.update(run_eval(0))
+    stop = GracefulStop().install()  # [H6] SIGTERM/SIGINT: finish the step, save, exit
     while step < total:
         step_grad_norm = None
         micro_losses, skipped = [], 0
@@ -261,6 +278,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             # so the parameters and optimizer state stay as they were) and replaced by the next one.
             if all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)[0] > 0:
                 skipped += 1
+                dropped_total += 1
                 nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss on some rank (here %s, samples %s); micro-batch skipped "
                             "(%d in a row)", step + 1, value, batch["keys"][:4], nonfinite_in_a_row)
@@ -286,29 +304,38 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
         tok, sup = all_reduce_sum([step_tokens, step_supervised], device)
         tokens_window += tok
+        grad_norm = step_grad_norm if manual_grad_norm else engine.get_global_grad_norm()
+        guard.after_step(step, step_loss, float(grad_norm) if grad_norm is not None else None)  # [H6]
         if step % cfg.train.log_every == 0 or step == total:
             elapsed = time.perf_counter() - time_window
-            grad_norm = step_grad_norm if manual_grad_norm else engine.get_global_grad_norm()
             last = {
                 "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_window / max(elapsed, 1e-9), "supervised_tokens": sup,
-                "skipped_micro_batches": skipped,
+                "skipped_micro_batches": skipped, "dropped_micro_batches": dropped_total,
                 "skipped_samples": train_loader.skips.as_dict(),
             }
             if loss_fn.t is not None:
                 last["t"] = loss_fn.t
             metrics.write(last)
-            metrics.progress(step, step_loss, loss_fn.t, last["tokens_per_s"])
+            metrics.progress(step, step_loss, loss_fn.t, last["tokens_per_s"], dropped_total)
             tokens_window, time_window = 0.0, time.perf_counter()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
             last.update(run_eval(step))
+        saved_now = None
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            save(step)
+            saved_now = save(step)
+        votes, signums = all_reduce_sum([1.0 if stop.requested else 0.0, float(stop.signum or 0)], device)
+        if votes > 0 and step < total:  # [H6] every rank stops after the same step
+            path = saved_now or save(step)
+            metrics.write({"event": "stopped", "step": step, "signal": int(round(signums / votes))})
+            metrics.close()
+            raise TrainingStopped(int(round(signums / votes)), step, str(path))
 
     # ---- end -------------------------------------------------------------------------------------
     last.update(run_eval(step))
     save(step)
+    stop.uninstall()
     if rank == 0:
         log.info("skipped samples: %s", train_loader.skips.summary())
     metrics.write({"event": "end", "step": step, "skipped_samples": train_loader.skips.as_dict()})

@@ -1,0 +1,74 @@
+"""What a run is about to do, logged once at start: model sizes, world size, tokens per step, data.
+
+A 1.4 GB student where a 10 MB one was meant, or a data folder with 12 samples, shows in the first
+lines of the log instead of after hours.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import Optional
+
+import torch
+
+# Counting samples reads every tar header: done for local shard sets up to this size.
+COUNT_SAMPLES_UP_TO_BYTES = 2 << 30
+
+
+def parameter_counts(module: Optional[torch.nn.Module]) -> Optional[dict]:
+    """Total and trainable parameter counts (ZeRO-3 partitioned parameters count their full size)."""
+    if module is None:
+        return None
+    total = trainable = 0
+    for p in module.parameters():
+        n = int(getattr(p, "ds_numel", 0)) or p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}
+
+
+def count_samples(shards: list[str]) -> Optional[int]:
+    """Samples (distinct keys) in local tar shards, or None when remote or too large to list quickly."""
+    if any(not os.path.isfile(s) for s in shards):
+        return None
+    if sum(os.path.getsize(s) for s in shards) > COUNT_SAMPLES_UP_TO_BYTES:
+        return None
+    count = 0
+    for shard in shards:
+        keys = set()
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile():
+                        name = os.path.basename(member.name)
+                        keys.add(os.path.join(os.path.dirname(member.name), name.split(".", 1)[0]))
+        except (tarfile.TarError, OSError):
+            pass  # a broken shard: the loader skips and counts it
+        count += len(keys)
+    return count
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def summary_lines(teacher, student, world: int, micro_batch: int, grad_accum: int, max_length: int,
+                  shards: dict[str, list[str]], teacher_cache: Optional[str] = None) -> list[str]:
+    lines = []
+    for role, module in (("student", student), ("teacher", teacher)):
+        counts = parameter_counts(module)
+        if counts is not None:
+            lines.append(f"{role}: {_millions(counts['total'])} parameters, {_millions(counts['trainable'])} trainable")
+    if teacher is None and teacher_cache:
+        lines.append(f"teacher: top-k cache {teacher_cache} (no teacher model built)")
+    samples_per_step = micro_batch * grad_accum * world
+    lines.append(f"world size {world}; {samples_per_step} samples per optimizer step (micro-batch {micro_batch} x "
+                 f"grad_accum {grad_accum} x {world} ranks), at most {samples_per_step * max_length} tokens "
+                 f"(max_length {max_length})")
+    for name, found in shards.items():
+        n = count_samples(found)
+        where = found[0] if len(found) == 1 else f"{found[0]} .. {found[-1]}"
+        counted = f"{n} samples" if n is not None else "sample count unknown"
+        lines.append(f"data.{name}: {len(found)} shard{'s' if len(found) != 1 else ''} ({where}), {counted}")
+    return lines
