@@ -43,6 +43,9 @@ def error_line(exc: BaseException) -> str:
     """The one line printed for a user error."""
     if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.filename is not None:
         return f"error: {exc.strerror or type(exc).__name__} ({exc.filename})"
+    what, where = getattr(exc, "what", None), getattr(exc, "where", None)
+    if what is not None:  # a UserError (ConfigError too: its str() keeps the key first for library callers)
+        return f"error: {what} ({where})" if where else f"error: {what}"
     return f"error: {exc}"
 
 
