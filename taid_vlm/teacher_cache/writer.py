@@ -127,11 +127,10 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
     from taid_vlm.data.render import Renderer, pad_token_id
     from taid_vlm.data.shards import expand_shards
-    from taid_vlm.train.ds_config import teacher_zero3_config
+    from taid_vlm.train.components import build_role_model, place_teacher, shard_paths as _shards, teacher_dtype
+    from taid_vlm.train.device import to_device
     from taid_vlm.train.launch_env import all_reduce_sum, barrier, init_distributed
-    from taid_vlm.train.teacher import Teacher
     from taid_vlm.train.zero3 import gathered
-    from taid_vlm.train.trainer import DTYPES, _shards, build_role_model, to_device
 
     if logprob_dtype not in fmt.DTYPE_CODES:
         raise ValueError(f"logprob_dtype must be one of {sorted(fmt.DTYPE_CODES)}, got {logprob_dtype!r}")
@@ -160,10 +159,8 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     vocab_size = len(spec.tokenizer)
     if not 1 <= k <= vocab_size:
         raise ValueError(f"--k must be in [1, {vocab_size}] (the tokenizer's vocabulary), got {k}")
-    bf16 = cfg.train.precision == "bf16"
-    t_dtype = DTYPES[cfg.teacher.dtype] if cfg.teacher.dtype else (torch.bfloat16 if bf16 else torch.float32)
-    ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
-    teacher = Teacher(model, cfg.teacher.placement, device, t_dtype, ds_t)
+    t_dtype = teacher_dtype(cfg)
+    teacher = place_teacher(cfg, model, device, world)
     fingerprint = weights_fingerprint(teacher.model, gathered)
 
     caption = cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION

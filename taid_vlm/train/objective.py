@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from taid_vlm.losses import DistillationLoss
+from taid_vlm.losses import DistillationLoss, TeacherSource
 
 
 def hidden_at(model, inputs: dict) -> torch.Tensor:
@@ -36,12 +36,9 @@ class DistillationObjective(nn.Module):
 
             deepspeed.zero.register_external_parameter(self, weight)
 
-    def forward(self, student_inputs: dict, teacher_hidden: Optional[torch.Tensor] = None,
-                teacher_weight: Optional[torch.Tensor] = None, teacher_topk: Optional[dict] = None) -> torch.Tensor:
+    def forward(self, student_inputs: dict, teacher: Optional[TeacherSource] = None) -> torch.Tensor:
+        """The loss of one micro-batch; ``teacher``: rows paired with ``student_inputs["loss_targets"]``."""
         h_s = hidden_at(self.student, student_inputs)
         w_s = self.student.output_weight()[: self.vocab_size]
-        w_t = teacher_weight[: self.vocab_size] if teacher_weight is not None else None
-        return self.loss_fn.fused(
-            h_s, w_s, teacher_hidden, w_t, mask=None, labels=student_inputs["loss_targets"], chunk_size=self.chunk_size,
-            teacher_topk=teacher_topk,
-        )
+        return self.loss_fn.fused(h_s, w_s, mask=None, labels=student_inputs["loss_targets"],
+                                  chunk_size=self.chunk_size, teacher=teacher)
