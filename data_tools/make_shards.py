@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import webdataset as wds
 from PIL import Image
 
 from taid_vlm.data.formats import count_markers, llava_messages, openai_messages
 from taid_vlm.data.samples import IMAGE_EXTS
+from taid_vlm.data.shard_writer import write_shards  # noqa: F401 (the shard writer lives in the package)
 from taid_vlm.data.skips import (BAD_JSON, CORRUPT_IMAGE, MARKER_MISMATCH, MISSING_IMAGE, MISSING_TEXT,
-                                 SampleError, SkipCounter)
+                                 SampleError)
 
 # (key, [(ext, bytes)], fields) where fields maps "txt"/"json" to str/dict
 Record = Tuple[str, List[Tuple[str, bytes]], Dict[str, Any]]
@@ -144,53 +142,6 @@ def from_llava_json(path: Path, image_root: Path, verify: bool = True) -> Iterat
 
 
 # -- writing -----------------------------------------------------------------------------------------
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
-
-
-def _clean_key(key: str, seen: set) -> str:
-    k = _KEY_BAD.sub("_", key) or "sample"  # webdataset splits names at the first dot: no dots, no slashes
-    base, n = k, 1
-    while k in seen:
-        k, n = f"{base}_{n}", n + 1
-    seen.add(k)
-    return k
-
-
-def write_shards(records: Iterable[Any], out: Path, prefix: str = "shard", maxcount: int = 10000,
-                 maxsize: float = 1e9, mtime: float = 0.0) -> Dict[str, Any]:
-    """Write records (``(key, images, fields)`` or ``(key, SampleError)``) into shards; return a report."""
-    out.mkdir(parents=True, exist_ok=True)
-    skips, seen, written, shards = SkipCounter(), set(), 0, []
-    writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0,
-                             mtime=mtime, post=shards.append)
-    try:
-        for rec in records:
-            if isinstance(rec[1], SampleError):
-                skips.add(rec[1].reason, rec[0])
-                continue
-            key, images, fields = rec
-            sample: Dict[str, Any] = {"__key__": _clean_key(key, seen)}
-            if len(images) == 1:
-                sample[images[0][0]] = images[0][1]
-            else:
-                for i, (ext, data) in enumerate(images):
-                    sample[f"{i}.{ext}"] = data
-            if "txt" in fields:
-                sample["txt"] = fields["txt"].encode("utf-8")
-            if "json" in fields:
-                sample["json"] = json.dumps(fields["json"], ensure_ascii=False).encode("utf-8")
-            writer.write(sample)
-            written += 1
-    finally:
-        writer.close()
-    if written == 0:  # ShardWriter opens its first shard eagerly; do not leave an empty tar behind
-        for s in shards:
-            os.remove(s)
-        shards = []
-    return {"written": written, "skipped": skips.total, "skipped_by_reason": skips.as_dict(),
-            "skipped_examples": skips.examples, "shards": [str(s) for s in shards]}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.make_shards", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

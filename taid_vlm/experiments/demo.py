@@ -1,6 +1,6 @@
 """`taid-vlm demo [--out DIR]`: the whole method on a CPU in minutes, with no download.
 
-  1. data     synthetic colored-shape shards (data_tools.synth_shapes): train, and a held-out split of
+  1. data     synthetic colored-shape shards (taid_vlm.data.synthetic): train, and a held-out split of
               conversations only (`val_answers`: every supervised token is part of an answer)
   2. teacher  a VLM trained from scratch with cross-entropy (configs/demo/teacher.yaml), then exported
   3. TAID     a several-times-smaller student distilled from it (configs/demo/distill.yaml)
@@ -68,7 +68,7 @@ def keep_conversations(src_dir: Path, dst_dir: Path) -> int:
 
 
 def make_data(out: Path, plan: DemoPlan, echo: Callable[[str], None]) -> dict:
-    from data_tools.synth_shapes import synth
+    from taid_vlm.data.synthetic import synth
 
     manifest = out / "manifest.json"
     want = {"n": plan.n_samples, "seed": plan.data_seed, "val_fraction": plan.val_fraction}
