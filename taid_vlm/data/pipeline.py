@@ -54,7 +54,7 @@ from ..spec import InputSpec
 from .align import align_labels
 from .collate import GreedyPacker, collate, collate_packed
 from .formats import DEFAULT_CAPTION_INSTRUCTION
-from .render import Renderer, check_spec, pad_token_id
+from .render import IGNORE_INDEX, Renderer, check_spec, pad_token_id
 from .samples import decode_sample
 from .shards import ShardSpec, expand_shards
 from .skips import TAR_ERROR, TRUNCATED_TAR, UNALIGNED, SampleError, SkipCounter
@@ -245,12 +245,12 @@ class SampleStream(IterableDataset):
             if dropped:
                 stats["unaligned_tokens_dropped"] += dropped
                 s.labels, t.labels = sl, tl
-                if not any(x != -100 for x in sl[1:]):
+                if not any(x != IGNORE_INDEX for x in sl[1:]):
                     raise SampleError(UNALIGNED, "teacher and student share no supervised token")
             parts = [s, t]
         stats["samples"] += 1
         stats["truncated"] += int(any(p.truncated for p in parts))
-        stats["supervised_tokens"] += sum(1 for x in s.labels[1:] if x != -100)
+        stats["supervised_tokens"] += sum(1 for x in s.labels[1:] if x != IGNORE_INDEX)
         return sample.key, parts, None
 
     def _batch(self, items: list, packed: bool) -> Dict[str, Any]:
