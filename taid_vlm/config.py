@@ -285,14 +285,14 @@ def _positive(where: str, value, allow_zero=False) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    from taid_vlm.losses import LOSS_NAMES, build_loss
+    from taid_vlm.losses import LOSS_NAMES, build_loss, loss_needs_teacher
 
     if cfg.student.model is None:
         raise ConfigError("student.model: required (a model config or a path to one)")
     if not isinstance(cfg.student.model, dict):
         raise ConfigError("student.model: expected a mapping or a path to a YAML file")
     _choice("loss.name", cfg.loss.name, LOSS_NAMES)
-    needs_teacher = cfg.loss.name != "ce"
+    needs_teacher = loss_needs_teacher(cfg.loss.name)
     if needs_teacher and cfg.teacher.model is None and cfg.teacher.cache is None:
         raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}' (or teacher.cache: a top-k teacher cache)")
     if cfg.teacher.cache is not None and not (Path(cfg.resolve_path(cfg.teacher.cache)) / "manifest.json").is_file():

@@ -84,7 +84,7 @@ def check_config(config: Path, overrides: Sequence[str], losses: Sequence[str]):
     if cfg.data.val is None:
         raise CompareError(f"{config}: data.val is required: compare reports held-out metrics")
     teacher = cfg.teacher.model
-    if any(x != "ce" for x in losses) and isinstance(teacher, dict) and set(teacher) == {"saved"}:
+    if isinstance(teacher, dict) and set(teacher) == {"saved"}:  # every run loads it (SFT: to evaluate against)
         saved = Path(str(teacher["saved"]))
         if not saved.is_dir():
             raise CompareError(
