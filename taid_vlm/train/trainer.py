@@ -48,8 +48,9 @@ class Trainer:
         self.cfg = cfg
         self.step = 0
         self.last: dict[str, Any] = {}  # the last logged step record, updated by each evaluation
-        self.metrics: Optional[MetricsLog] = None
+        self.metrics: Optional[MetricsLog] = None  # opened by resume()
         self._nonfinite_in_a_row = 0
+        self._window = (0.0, time.perf_counter())  # tokens and start time of the throughput window
 
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -129,7 +130,7 @@ class Trainer:
         t = self.cfg.train
         if t.eval_at_start and self.step == 0:
             self.last.update(self.evaluate())
-        self._window = (0.0, time.perf_counter())  # tokens and start time of the throughput window
+        self._window = (0.0, time.perf_counter())
         while self.step < t.total_steps:
             record = self.train_step()
             # (a divergence guard on `record` goes here)
