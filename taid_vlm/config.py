@@ -384,14 +384,14 @@ def _positive(where: str, value, allow_zero=False) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    from taid_vlm.losses import LOSS_NAMES, build_loss
+    from taid_vlm.losses import LOSS_NAMES, build_loss, loss_needs_teacher
 
     if cfg.student.model is None:
         raise ConfigError("student.model: required (a model config or a path to one)")
     if not isinstance(cfg.student.model, dict):
         raise ConfigError("student.model: expected a mapping or a path to a YAML file")
     _choice("loss.name", cfg.loss.name, LOSS_NAMES)
-    needs_teacher = cfg.loss.name != "ce"
+    needs_teacher = loss_needs_teacher(cfg.loss.name)
     if needs_teacher and cfg.teacher.model is None and cfg.teacher.cache is None:
         raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}' (or teacher.cache: a top-k teacher cache)")
     if cfg.teacher.cache is not None and not (Path(cfg.resolve_path(cfg.teacher.cache)) / "manifest.json").is_file():
@@ -406,7 +406,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"loss.params: {e}") from None
     if cfg.loss.chunk_size is not None:
         _positive("loss.chunk_size", cfg.loss.chunk_size)
-    o = cfg.optim
+    _validate_optim(cfg.optim)
+    _validate_train(cfg.train)
+    _validate_data_and_deepspeed(cfg)
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
@@ -416,7 +421,9 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
-    t = cfg.train
+
+
+def _validate_train(t: TrainConfig) -> None:
     _positive("train.total_steps", t.total_steps)
     _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.grad_accum", t.grad_accum)
@@ -433,6 +440,9 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.loss_jump_factor", t.loss_jump_factor, allow_zero=True)
     _positive("train.max_zero_grad_steps", t.max_zero_grad_steps, allow_zero=True)
     _positive("train.param_growth_factor", t.param_growth_factor, allow_zero=True)
+
+
+def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     if cfg.deepspeed.config_file is not None and not Path(cfg.resolve_path(cfg.deepspeed.config_file)).is_file():
         raise ConfigError(f"deepspeed.config_file: file not found: {cfg.resolve_path(cfg.deepspeed.config_file)}")

@@ -1,6 +1,7 @@
 """Every loss against its float64 NumPy reference, gradients, masking, parameter validation."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def as_torch(zs, zt, y, mask, dtype):
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_value_matches_float64_reference_with_banned_entries(name, dtype, rtol):
-    zs, zt, y, mask = make_batch(seed=hash(name) % 1000)
+    zs, zt, y, mask = make_batch(seed=zlib.crc32(name.encode()) % 1000)  # stable across PYTHONHASHSEED
     s, t, labels, m = as_torch(zs, zt, y, mask, dtype)
     value = build_loss(name)(s, t, m, labels)
     # The reference sees exactly the values the loss saw (float32-rounded in the float32 case).

@@ -22,6 +22,18 @@ import torch
 from .render import IGNORE_INDEX
 
 
+def matching_tokens(student: List[int], teacher: List[int]) -> Tuple[List[int], List[int]]:
+    """Indices into two token lists of their longest matching subsequence, in order (difflib; identical
+    lists take a fast path). The one alignment rule: online pairs and a teacher cache's rows use it."""
+    if student == teacher:
+        return list(range(len(student))), list(range(len(teacher)))
+    keep_s, keep_t = [], []
+    for a, b, size in SequenceMatcher(None, student, teacher, autojunk=False).get_matching_blocks():
+        keep_s += range(a, a + size)
+        keep_t += range(b, b + size)
+    return keep_s, keep_t
+
+
 def align_labels(student: List[int], teacher: List[int]) -> Tuple[List[int], List[int], int]:
     """Return ``(student_labels, teacher_labels, n_dropped)`` with only matched supervised tokens kept.
 
@@ -35,13 +47,11 @@ def align_labels(student: List[int], teacher: List[int]) -> Tuple[List[int], Lis
         return student, teacher, 0
     new_s = [IGNORE_INDEX] * len(student)
     new_t = [IGNORE_INDEX] * len(teacher)
-    kept = 0
-    for a, b, size in SequenceMatcher(None, ts, tt, autojunk=False).get_matching_blocks():
-        for k in range(size):
-            new_s[ps[a + k]] = student[ps[a + k]]
-            new_t[pt[b + k]] = teacher[pt[b + k]]
-        kept += size
-    return new_s, new_t, len(ts) + len(tt) - 2 * kept
+    keep_s, keep_t = matching_tokens(ts, tt)
+    for a, b in zip(keep_s, keep_t):
+        new_s[ps[a]] = student[ps[a]]
+        new_t[pt[b]] = teacher[pt[b]]
+    return new_s, new_t, len(ts) + len(tt) - 2 * len(keep_s)
 
 
 def loss_positions(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

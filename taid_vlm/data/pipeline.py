@@ -255,12 +255,12 @@ class SampleStream(IterableDataset):
             if dropped:
                 stats["unaligned_tokens_dropped"] += dropped
                 s.labels, t.labels = sl, tl
-                if not any(x != -100 for x in sl[1:]):
+                if not any(x != IGNORE_INDEX for x in sl[1:]):
                     raise SampleError(UNALIGNED, "teacher and student share no supervised token")
             parts = [s, t]
         stats["samples"] += 1
         stats["truncated"] += int(any(p.truncated for p in parts))
-        stats["supervised_tokens"] += sum(1 for x in s.labels[1:] if x != -100)
+        stats["supervised_tokens"] += sum(1 for x in s.labels[1:] if x != IGNORE_INDEX)
         return sample.key, parts, None
 
     def _batch(self, items: list, packed: bool) -> Dict[str, Any]:
@@ -624,6 +624,20 @@ class Loader:
                 f"workers={self.num_workers}, rank={st.rank}/{st.world_size})")
 
 
+def _check_specs(student_spec: InputSpec, teacher_spec: Optional[InputSpec], text_only: bool) -> None:
+    specs = [("student", student_spec)] + ([("teacher", teacher_spec)] if teacher_spec is not None else [])
+    for name, spec in specs:
+        check_spec(spec, name)
+        if not text_only and not spec.is_multimodal:
+            raise ValueError(f"{name} InputSpec is text-only (no image_transform/tokens_per_image) but "
+                             "text_only=False; set text_only=True for the LLM path")
+    if teacher_spec is not None and teacher_spec.tokenizer is not student_spec.tokenizer:
+        vs, vt = student_spec.tokenizer.get_vocab(), teacher_spec.tokenizer.get_vocab()
+        if vs != vt:
+            raise ValueError(f"teacher and student tokenizers differ ({len(vt)} vs {len(vs)} tokens); "
+                             "distillation needs a shared vocabulary")
+
+
 def build_loader(
     shards: ShardSpec, student_spec: InputSpec, teacher_spec: Optional[InputSpec] = None, *,
     mode: str = "train", batch_size: int = 8, max_length: int = 2048, num_workers: int = 2, seed: int = 0,
@@ -663,17 +677,7 @@ def build_loader(
         if teacher_spec is not None:
             raise ValueError("give teacher_spec (online teacher) or companion (cached teacher), not both")
         companion_paths = companion.companions(paths)
-    specs = [("student", student_spec)] + ([("teacher", teacher_spec)] if teacher_spec is not None else [])
-    for name, spec in specs:
-        check_spec(spec, name)
-        if not text_only and not spec.is_multimodal:
-            raise ValueError(f"{name} InputSpec is text-only (no image_transform/tokens_per_image) but "
-                             "text_only=False; set text_only=True for the LLM path")
-    if teacher_spec is not None and teacher_spec.tokenizer is not student_spec.tokenizer:
-        vs, vt = student_spec.tokenizer.get_vocab(), teacher_spec.tokenizer.get_vocab()
-        if vs != vt:
-            raise ValueError(f"teacher and student tokenizers differ ({len(vt)} vs {len(vs)} tokens); "
-                             "distillation needs a shared vocabulary")
+    _check_specs(student_spec, teacher_spec, text_only)
     G = world_size * max(1, num_workers)
     if mode == "eval" and len(paths) < G:
         log.warning("eval: %d shards < %d ranks x workers; every worker reads all shards and keeps its share "

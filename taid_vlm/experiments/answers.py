@@ -14,9 +14,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
-COLOR_WORDS = {"red", "green", "blue", "yellow", "purple", "orange", "black", "cyan"}
-SHAPE_WORDS = {"circle", "square", "triangle"}
-NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five", "six"}
+from taid_vlm.data.render import IGNORE_INDEX
+from taid_vlm.data.synthetic import COLORS, NUMBERS, SHAPES
+
+# the answer vocabulary of the synthetic-shapes data
+COLOR_WORDS, SHAPE_WORDS, NUMBER_WORDS = set(COLORS), set(SHAPES), set(NUMBERS)
 
 
 def answer_kind(text: str) -> str:
@@ -39,7 +41,7 @@ def turns_of(labels_row) -> list[list[int]]:
     """Positions of each maximal run of supervised tokens (one assistant turn each)."""
     runs, current, prev = [], [], None
     for i, y in enumerate(labels_row):
-        if y == -100:
+        if y == IGNORE_INDEX:
             continue
         if current and prev is not None and i != prev + 1:
             runs.append(current)

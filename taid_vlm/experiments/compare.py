@@ -84,7 +84,7 @@ def check_config(config: Path, overrides: Sequence[str], losses: Sequence[str]):
     if cfg.data.val is None:
         raise CompareError(f"{config}: data.val is required: compare reports held-out metrics")
     teacher = cfg.teacher.model
-    if any(x != "ce" for x in losses) and isinstance(teacher, dict) and set(teacher) == {"saved"}:
+    if isinstance(teacher, dict) and set(teacher) == {"saved"}:  # every run loads it (SFT: to evaluate against)
         saved = Path(str(teacher["saved"]))
         if not saved.is_dir():
             raise CompareError(
@@ -277,6 +277,12 @@ def run_capacity_gap(path: Path, losses: Optional[Sequence[str]], seeds: Optiona
         for m in losses:
             row.append(res.agg[m]["eval_student_acc"].fmt(3))
         rows.append(row)
+    _write_gap_report(path, out, losses, seeds, steps, rows, per_teacher, time.time() - start)
+    return per_teacher
+
+
+def _write_gap_report(path: Path, out: Path, losses: list, seeds: list, steps, rows: list, per_teacher: dict,
+                      seconds: float) -> None:
     header = (["teacher", "parameters", "teacher answer-token acc"] + [f"KL {m}" for m in losses]
               + [f"{m} − taid KL" for m in losses if m != "taid"] + [f"student acc {m}" for m in losses])
     md = ["# Capacity-gap study: one student, teachers of growing size", "", "```bash",
@@ -286,7 +292,7 @@ def run_capacity_gap(path: Path, losses: Optional[Sequence[str]], seeds: Optiona
           "and the margin baseline − TAID (positive: TAID is closer to the teacher). KL values of different "
           "teachers are not comparable with each other (each row has its own teacher); margins and student "
           "accuracy are.", "", markdown_table(header, rows), "",
-          f"Wall time: {(time.time() - start) / 60:.1f} min. Per-teacher tables: `compare/NAME/compare.md`.", ""]
+          f"Wall time: {seconds / 60:.1f} min. Per-teacher tables: `compare/NAME/compare.md`.", ""]
     png = _plot_gap(per_teacher, losses, out / "capacity_gap.png")
     md.insert(-2, f"![student KL and accuracy against teacher size]({png.name})\n")
     (out / "capacity_gap.md").write_text("\n".join(md))
@@ -296,7 +302,6 @@ def run_capacity_gap(path: Path, losses: Optional[Sequence[str]], seeds: Optiona
          for n, v in per_teacher.items()}, indent=1, default=_nan_none))
     print("\n" + text_table(header, rows))
     print(f"\nwrote {out / 'capacity_gap.md'}, {png}")
-    return per_teacher
 
 
 def _plot_gap(per_teacher: dict, losses: Sequence[str], path: Path) -> Path:

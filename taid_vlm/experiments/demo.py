@@ -1,6 +1,6 @@
 """`taid-vlm demo [--out DIR]`: the whole method on a CPU in minutes, with no download.
 
-  1. data     synthetic colored-shape shards (data_tools.synth_shapes): train, and a held-out split of
+  1. data     synthetic colored-shape shards (taid_vlm.data.synthetic): train, and a held-out split of
               conversations only (`val_answers`: every supervised token is part of an answer)
   2. teacher  a VLM trained from scratch with cross-entropy (configs/demo/teacher.yaml), then exported
   3. TAID     a several-times-smaller student distilled from it (configs/demo/distill.yaml)
@@ -13,6 +13,7 @@ OUT/<run>/metrics.jsonl its metrics). `--quick` shrinks everything to seconds (s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
@@ -68,7 +69,7 @@ def keep_conversations(src_dir: Path, dst_dir: Path) -> int:
 
 
 def make_data(out: Path, plan: DemoPlan, echo: Callable[[str], None]) -> dict:
-    from data_tools.synth_shapes import synth
+    from taid_vlm.data.synthetic import synth
 
     manifest = out / "manifest.json"
     want = {"n": plan.n_samples, "seed": plan.data_seed, "val_fraction": plan.val_fraction}
@@ -116,62 +117,51 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
 
+class _Stages:
+    """Numbered stage banners on the terminal, and the seconds each stage took."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo, self.start, self.seconds = echo, time.time(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, title: str):
+        self.echo(f"\n=== [{len(self.seconds) + 1}/5] {title}  ({(time.time() - self.start) / 60:.1f} min elapsed) ===")
+        self.seconds[name] = time.time()
+        yield
+        self.seconds[name] = time.time() - self.seconds[name]
+
+
 def run_demo(out: Path, plan: Optional[DemoPlan] = None, fresh: bool = False,
              echo: Callable[[str], None] = print) -> dict:
     plan = plan or DemoPlan()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    stage_times: dict[str, float] = {}
-
-    def stage(name: str, title: str):
-        echo(f"\n=== [{len(stage_times) + 1}/5] {title}  ({(time.time() - t_start) / 60:.1f} min elapsed) ===")
-        stage_times[name] = time.time()
-
-    def done(name: str):
-        stage_times[name] = time.time() - stage_times[name]
-
-    stage("data", "synthetic image-text shards")
+    stage = _Stages(echo)
     data = out / "data"
-    make_data(data, plan, echo)
-    done("data")
+    with stage("data", "synthetic image-text shards"):
+        make_data(data, plan, echo)
     common = [f"data.train={data / 'train'}", f"data.val={data / 'val_answers'}",
               f"train.micro_batch_size={plan.micro_batch_size}"]
-
-    stage("teacher", f"teacher VLM: {plan.teacher_steps} steps of cross-entropy from scratch")
-    teacher_job = TrainJob("teacher", CONFIGS / "teacher.yaml", out / "teacher" / "run", plan.teacher_steps,
-                           [*common, f"train.eval_every={plan.teacher_eval_every}"])
-    teacher_metrics = run_training(teacher_job, fresh=fresh, echo=echo)
-    teacher_dir = run_export(out / "teacher" / "run", out / "teacher" / "model", fresh=fresh, echo=echo)
-    done("teacher")
-
+    with stage("teacher", f"teacher VLM: {plan.teacher_steps} steps of cross-entropy from scratch"):
+        teacher_job = TrainJob("teacher", CONFIGS / "teacher.yaml", out / "teacher" / "run", plan.teacher_steps,
+                               [*common, f"train.eval_every={plan.teacher_eval_every}"])
+        teacher_metrics = run_training(teacher_job, fresh=fresh, echo=echo)
+        teacher_dir = run_export(out / "teacher" / "run", out / "teacher" / "model", fresh=fresh, echo=echo)
+    # Both students are evaluated against the teacher during training (SFT's teacher is for evaluation only).
     student_common = [*common, f"teacher.model={{saved: {teacher_dir}}}", f"train.eval_every={plan.student_eval_every}",
                       "train.eval_at_start=true"]
-    stage("taid", f"student distilled with TAID: {plan.student_steps} steps")
-    taid_metrics = run_training(TrainJob("TAID student", CONFIGS / "distill.yaml", out / "student_taid",
-                                         plan.student_steps, student_common), fresh=fresh, echo=echo)
-    done("taid")
-    stage("sft", f"same student with SFT (cross-entropy on the labels): {plan.student_steps} steps")
-    sft_metrics = run_training(TrainJob("SFT student", CONFIGS / "distill.yaml", out / "student_sft",
-                                        plan.student_steps, [*student_common, "loss.name=ce", "loss.params={}"]),
-                               fresh=fresh, echo=echo)
-    done("sft")
-
-    stage("report", "held-out evaluation and report")
-    _quiet_libraries()
-    models = {"teacher": teacher_dir}
-    for key, run in (("taid", "student_taid"), ("sft", "student_sft")):
-        models[key] = run_export(out / run, out / run / "model", fresh=fresh, echo=echo)
-    params = {k: count_parameters(v) for k, v in models.items()}
-    val = data / "val_answers"
-    final = {k: heldout_metrics(models[k], teacher_dir, val) for k in ("taid", "sft")}
-    exact = {k: answer_exact_match(models[k], str(val)) for k in ("teacher", "taid", "sft")}
-    done("report")
-    total = time.time() - t_start
-    summary = {
-        "plan": asdict(plan), "out": str(out), "seconds": total, "stage_seconds": stage_times,
-        "params": params, "final": final, "exact_match": exact, "teacher_final": teacher_metrics.final_eval,
-    }
+    with stage("taid", f"student distilled with TAID: {plan.student_steps} steps"):
+        taid_metrics = run_training(TrainJob("TAID student", CONFIGS / "distill.yaml", out / "student_taid",
+                                             plan.student_steps, student_common), fresh=fresh, echo=echo)
+    with stage("sft", f"same student with SFT (cross-entropy on the labels): {plan.student_steps} steps"):
+        sft_metrics = run_training(TrainJob("SFT student", CONFIGS / "distill.yaml", out / "student_sft",
+                                            plan.student_steps, [*student_common, "loss.name=ce", "loss.params={}"]),
+                                   fresh=fresh, echo=echo)
+    with stage("report", "held-out evaluation and report"):
+        measured = evaluate_models(out, data / "val_answers", teacher_dir, fresh, echo)
+    total = time.time() - stage.start
+    summary = {"plan": asdict(plan), "out": str(out), "seconds": total, "stage_seconds": stage.seconds, **measured,
+               "teacher_final": teacher_metrics.final_eval}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=lambda x: None))
     report = write_report(out, summary, {"teacher": teacher_metrics, "TAID student": taid_metrics,
                                           "SFT student": sft_metrics})
@@ -181,16 +171,28 @@ def run_demo(out: Path, plan: Optional[DemoPlan] = None, fresh: bool = False,
     return summary
 
 
+def evaluate_models(out: Path, val: Path, teacher_dir: Path, fresh: bool, echo: Callable[[str], None]) -> dict:
+    """Export both students; measure parameters, held-out metrics against the teacher (the teacher's own
+    row too: itself as the student, so its KL and agreement are measured, not assumed) and exact match."""
+    _quiet_libraries()
+    models = {"teacher": teacher_dir}
+    for key, run in (("taid", "student_taid"), ("sft", "student_sft")):
+        models[key] = run_export(out / run, out / run / "model", fresh=fresh, echo=echo)
+    return {
+        "params": {k: count_parameters(v) for k, v in models.items()},
+        "final": {k: heldout_metrics(models[k], teacher_dir, val) for k in ("taid", "sft")},
+        "teacher_heldout": heldout_metrics(teacher_dir, teacher_dir, val),
+        "exact_match": {k: answer_exact_match(models[k], str(val)) for k in ("teacher", "taid", "sft")},
+    }
+
+
 def results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     p, f, e = summary["params"], summary["final"], summary["exact_match"]
-    t_eval = f["taid"]
     header = ["model", "parameters", "held-out KL(T‖S) ↓", "top-1 agreement ↑", "CE ↓", "answer-token acc ↑",
               "answer exact match ↑"]
-    rows = [["teacher (CE from scratch)", f"{p['teacher']['total'] / 1e6:.2f} M", "0", "1",
-             f"{t_eval.get('eval_teacher_ce', float('nan')):.4f}", f"{t_eval.get('eval_teacher_acc', float('nan')):.3f}",
-             f"{e['teacher']['exact_match']:.3f}"]]
-    for key, name in (("taid", "student, TAID"), ("sft", "student, SFT")):
-        r = f[key]
+    rows = []
+    for key, name, r in (("teacher", "teacher (CE from scratch)", summary["teacher_heldout"]),
+                         ("taid", "student, TAID", f["taid"]), ("sft", "student, SFT", f["sft"])):
         rows.append([name, f"{p[key]['total'] / 1e6:.2f} M", f"{r['eval_kl']:.4f}", f"{r['eval_top1_agreement']:.3f}",
                      f"{r['eval_student_ce']:.4f}", f"{r['eval_student_acc']:.3f}", f"{e[key]['exact_match']:.3f}"])
     return header, rows
@@ -209,10 +211,9 @@ def write_report(out: Path, summary: dict, runs: dict[str, Metrics]) -> dict:
                   title="held-out answer-token accuracy", ylabel="accuracy (argmax == answer token)",
                   hlines={"teacher (final)": t_acc}),
         plot_runs(students, "eval_kl", out / "heldout_kl.png", source="eval",
-                  title="held-out KL(teacher ‖ student) per answer token (SFT: final point only)",
+                  title="held-out KL(teacher ‖ student) per answer token",
                   ylabel="KL"),
     ) if p is not None]
-    # The SFT run trains without a teacher, so its in-training evals have no KL: add the final one.
     ek, eh = exact_match_rows(summary["exact_match"], ["teacher", "taid", "sft"])
     plan = summary["plan"]
     secs = summary["stage_seconds"]

@@ -8,6 +8,9 @@
     loss_fn.state_dict(); loss_fn.load_state_dict(sd)  # parameters + "_extra_state": {t, momentum, prev_loss}
     value = loss_fn.fused(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
                           labels=None, chunk_size=None)   # same value & gradients, chunked over tokens
+    value = loss_fn.fused(student_hidden, student_weight, mask=mask, teacher=OnlineTeacher(h_t, w_t))  # or
+                          # LogitsTeacher(logits) / CachedTopKTeacher(ids, logprobs, log_tail): teacher_source.py
+    loss_fn.needs_teacher; loss_needs_teacher("ce")  # False for SFT
 
 Every loss reports the divergence itself (0 when student == teacher; `ce` is the exception), as the
 mean over masked-in tokens, plus `ce_weight * cross-entropy(labels)` when ce_weight > 0. Banned
@@ -16,6 +19,8 @@ vocabulary entries (-inf logits) never produce NaN. CTKD has a learnable tempera
 """
 
 from .base import DistillationLoss
-from .registry import LOSS_NAMES, build_loss, loss_parameters
+from .registry import LOSS_NAMES, build_loss, loss_needs_teacher, loss_parameters
+from .teacher_source import CachedTopKTeacher, LogitsTeacher, OnlineTeacher, TeacherSource
 
-__all__ = ["DistillationLoss", "LOSS_NAMES", "build_loss", "loss_parameters"]
+__all__ = ["DistillationLoss", "LOSS_NAMES", "build_loss", "loss_needs_teacher", "loss_parameters",
+           "TeacherSource", "OnlineTeacher", "LogitsTeacher", "CachedTopKTeacher"]

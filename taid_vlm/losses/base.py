@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 from . import divergences
+from .chunked import chunked_lm_head_loss
+from .inputs import check_mask_and_labels
+from .teacher_source import TeacherSource, teacher_source
 
 
 class DistillationLoss(nn.Module):
@@ -79,20 +82,36 @@ class DistillationLoss(nn.Module):
         chunk_size: Optional[int] = None,
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_topk: Optional[Any] = None,
+        teacher: Optional[TeacherSource] = None,
         denominator: Optional[float] = None,
     ) -> torch.Tensor:
         """Same value and gradients as ``self(h_s @ W_s.T, h_t @ W_t.T, mask, labels)``, computed over
-        chunks of tokens so the [N, V] logits never exist at once. The teacher side may be given as
-        ``teacher_logits`` instead of hidden states and weight, or as a cached top-k ``teacher_topk``
-        (``{"ids": [N, k], "logprobs": [N, k], "log_tail": [N]}``, rebuilt chunk by chunk: chunked.py).
-        ``denominator``: divide the sum over tokens by this instead of their number (a global token
-        count, for a loss that is a mean over more tokens than this call sees)."""
-        from .chunked import chunked_lm_head_loss
+        chunks of tokens so the [N, V] logits never exist at once (chunked.py). The teacher side is a
+        ``teacher`` TeacherSource (teacher_source.py), or given as hidden states and weight, as
+        ``teacher_logits``, or as a cached top-k ``teacher_topk``
+        (``{"ids": [N, k], "logprobs": [N, k], "log_tail": [N]}``). ``denominator``: divide the sum over
+        tokens by this instead of their number (a global token count, for a loss that is a mean over more
+        tokens than this call sees)."""
+        if self.needs_teacher:
+            given = teacher_source(self.name, teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
+            if given is not None and teacher is not None:
+                raise ValueError(f"{self.name}: give teacher (a TeacherSource) or the teacher_* tensors, not both")
+            teacher = teacher if teacher is not None else given
+        return chunked_lm_head_loss(self, student_hidden, student_weight, teacher, mask, labels, chunk_size, denominator)
 
-        return chunked_lm_head_loss(
-            self, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, mask, labels, chunk_size,
-            teacher_topk, denominator,
-        )
+    # ---- optional fast path --------------------------------------------------------------------
+    def closed_form(
+        self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+        scratch: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token values [N], d(values)/d(student_logits) [N, V]) without autograd, in place in the two
+        logit buffers (closed_form.py). Optional: a loss that overrides it gets the faster chunked path
+        (used only when the loss has no learnable parameters); the tests check it against autograd."""
+        raise NotImplementedError(f"{self.name}: no closed form")
+
+    @property
+    def has_closed_form(self) -> bool:
+        return type(self).closed_form is not DistillationLoss.closed_form
 
     # ---- schedule hooks (no-ops unless the loss has a schedule) --------------------------------
     @property
@@ -141,32 +160,6 @@ class DistillationLoss(nn.Module):
                     f"{teacher_logits.shape[1]}; slice both to the shared tokenizer vocabulary first"
                 )
         return check_mask_and_labels(self, n, v, mask, labels, student_logits.device)
-
-
-def check_mask_and_labels(loss: DistillationLoss, n: int, v: int, mask, labels, device) -> torch.Tensor:
-    """Validate mask [N] and labels [N]; return the mask as bool. Shared by the plain and fused paths."""
-    if mask is None:
-        mask = torch.ones(n, dtype=torch.bool, device=device)
-    if mask.shape != (n,):
-        raise ValueError(f"{loss.name}: mask must have shape ({n},), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise ValueError(f"{loss.name}: mask must be bool (or integer 0/1), got {mask.dtype}")
-        mask = mask != 0
-    needs_labels = loss.needs_labels or loss.ce_weight > 0
-    if needs_labels and labels is None:
-        why = "ce_weight > 0" if not loss.needs_labels else "it uses the ground-truth token"
-        raise ValueError(f"{loss.name}: labels are required ({why})")
-    if labels is not None:
-        if labels.shape != (n,):
-            raise ValueError(f"{loss.name}: labels must have shape ({n},), got {tuple(labels.shape)}")
-        used = labels[mask]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= v):
-            raise ValueError(
-                f"{loss.name}: labels of masked-in tokens must be in [0, {v}), got range "
-                f"[{int(used.min())}, {int(used.max())}]"
-            )
-    return mask
 
 
 def label_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

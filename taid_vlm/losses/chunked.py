@@ -22,11 +22,12 @@ teacher's exact log-probs and the loss equals the online one.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from .base import DistillationLoss, check_mask_and_labels
+from .inputs import check_mask_and_labels
+from .teacher_source import TeacherSource, matmul_into as _matmul_into, topk_log_probs_into  # noqa: F401 (re-export)
 
 TARGET_CHUNK_ELEMENTS = 1 << 25  # 128 MB per float32 [C, V] buffer: C = 216 at V = 152k
 
@@ -43,11 +44,12 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, t_logits, t_topk, labels, loss_fn, chunk_size, denominator, num_params, *params):
+    def forward(ctx, h_s, w_s, teacher: Optional[TeacherSource], labels, loss_fn, chunk_size, denominator, num_params,
+                *params):
         n = h_s.shape[0]
         denom = float(denominator)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_params = [ctx.needs_input_grad[11 + i] for i in range(num_params)]
+        need_params = [ctx.needs_input_grad[8 + i] for i in range(num_params)]
         grad_h = torch.empty_like(h_s) if need_h else None
         # Accumulate the weight gradient in at least float32: bf16 sums over many chunks lose precision.
         grad_w = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
@@ -55,24 +57,18 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32), device=h_s.device)
         trainable = [p for p, need in zip(params, need_params) if need]
 
-        closed_form = getattr(loss_fn, "closed_form", None) if not params else None
+        closed_form = loss_fn.closed_form if loss_fn.has_closed_form and not params else None
         compute_dtype = torch.promote_types(h_s.dtype, torch.float32)
         # [C, V] workspaces allocated once and reused by every chunk.
         rows, vocab = min(chunk_size, n), w_s.shape[0]
         s_buf = torch.empty(rows, vocab, dtype=compute_dtype, device=h_s.device)
-        t_buf = torch.empty_like(s_buf) if (t_logits is not None or h_t is not None or t_topk is not None) else None
+        t_buf = torch.empty_like(s_buf) if teacher is not None else None
         scratch = torch.empty_like(s_buf) if closed_form is not None else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_chunk = h_s[start:end]
             y = labels[start:end] if labels is not None else None
-            teacher_chunk = None
-            if t_logits is not None:
-                teacher_chunk = t_buf[: end - start].copy_(t_logits[start:end])
-            elif t_topk is not None:
-                teacher_chunk = topk_log_probs_into(t_buf[: end - start], *(x[start:end] for x in t_topk))
-            elif h_t is not None:
-                teacher_chunk = _matmul_into(t_buf[: end - start], h_t[start:end], w_t)
+            teacher_chunk = teacher.fill(t_buf[: end - start], start, end) if teacher is not None else None
             s_logits = _matmul_into(s_buf[: end - start], h_chunk, w_s)
             if closed_form is not None:
                 values, d_logits = closed_form(s_logits, teacher_chunk, y, scratch=scratch[: end - start])
@@ -116,69 +112,23 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scaled = [g if g is None or unit else g * grad_out.to(g.dtype) for g in grads]
         del grads
         grad_h, grad_w, *grad_params = scaled
-        return (grad_h, grad_w, None, None, None, None, None, None, None, None, None, *grad_params)
-
-
-def _matmul_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """out <- hidden @ weight.T, in out's (float32+) dtype; straight into `out` when the dtypes agree."""
-    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
-        return torch.mm(hidden, weight.T, out=out)
-    return out.copy_(hidden @ weight.T)
-
-
-def topk_log_probs_into(out: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
-    """out [C, V] <- the teacher's log-probs rebuilt from its top-k: ``logprobs`` at ``ids`` ([C, k]),
-    ``log_tail - log(V - k)`` (the remaining mass spread uniformly) everywhere else. Rows whose tail is
-    empty (log_tail = -inf) get -inf there; with k = V every entry comes from ``logprobs``."""
-    k, v = ids.shape[1], out.shape[1]
-    if k < v:
-        out.copy_((log_tail.to(out.dtype) - math.log(v - k)).unsqueeze(1).expand_as(out))
-    return out.scatter_(1, ids.long(), logprobs.to(out.dtype))
-
-
-def _check_topk(name: str, topk: Any, n: int, v: int):
-    """``teacher_topk`` (a dict with ids / logprobs / log_tail, or that triple) -> the checked triple."""
-    if isinstance(topk, dict):
-        missing = {"ids", "logprobs", "log_tail"} - set(topk)
-        if missing:
-            raise ValueError(f"{name}: teacher_topk lacks {sorted(missing)}")
-        ids, logprobs, log_tail = topk["ids"], topk["logprobs"], topk["log_tail"]
-    else:
-        ids, logprobs, log_tail = topk
-    if ids.dim() != 2 or ids.shape[0] != n or logprobs.shape != ids.shape or log_tail.shape != (n,):
-        raise ValueError(
-            f"{name}: teacher_topk must be ids [N, k], logprobs [N, k], log_tail [N] with N = {n}, got "
-            f"{tuple(ids.shape)}, {tuple(logprobs.shape)}, {tuple(log_tail.shape)}"
-        )
-    if ids.dtype.is_floating_point or not logprobs.dtype.is_floating_point:
-        raise ValueError(f"{name}: teacher_topk ids must be integers and logprobs floats, got {ids.dtype}, {logprobs.dtype}")
-    k = ids.shape[1]
-    if not 1 <= k <= v:
-        raise ValueError(f"{name}: teacher_topk has k = {k}; needs 1 <= k <= vocabulary size {v}")
-    if n and (int(ids.min()) < 0 or int(ids.max()) >= v):
-        raise ValueError(
-            f"{name}: vocabulary mismatch: teacher_topk ids range [{int(ids.min())}, {int(ids.max())}] does not fit "
-            f"the student's {v} logits"
-        )
-    return ids, logprobs, log_tail
+        return (grad_h, grad_w, None, None, None, None, None, None, *grad_params)
 
 
 def chunked_lm_head_loss(
-    loss_fn: DistillationLoss,
+    loss_fn,
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: Optional[torch.Tensor],
-    teacher_weight: Optional[torch.Tensor],
-    teacher_logits: Optional[torch.Tensor],
+    teacher: Optional[TeacherSource],
     mask: Optional[torch.Tensor],
     labels: Optional[torch.Tensor],
     chunk_size: Optional[int],
-    teacher_topk: Any = None,
     denominator: Optional[float] = None,
 ) -> torch.Tensor:
-    """See DistillationLoss.fused. ``denominator``: what the sum over tokens is divided by; None, the
-    number of masked-in tokens here (a mean). The trainer passes the token count of the whole optimizer
-    step (all micro-batches, all ranks) so that the step's gradient is that of one global mean."""
+    """See DistillationLoss.fused (``loss_fn`` is a DistillationLoss). ``denominator``: what the sum over
+    tokens is divided by; None, the number of masked-in tokens here (a mean). The trainer passes the token
+    count of the whole optimizer step (all micro-batches, all ranks) so that the step's gradient is that
+    of one global mean."""
     name = loss_fn.name
     if student_hidden.dim() != 2 or student_weight.dim() != 2:
         raise ValueError(
@@ -189,37 +139,12 @@ def chunked_lm_head_loss(
     v = student_weight.shape[0]
     if student_weight.shape[1] != h:
         raise ValueError(f"{name}: student_hidden has {h} features but student_weight is {tuple(student_weight.shape)}")
-    if loss_fn.needs_teacher:
-        if teacher_topk is not None:
-            if teacher_logits is not None or teacher_hidden is not None or teacher_weight is not None:
-                raise ValueError(f"{name}: give teacher_topk alone, not with teacher_logits or teacher_hidden/weight")
-            teacher_topk = _check_topk(name, teacher_topk, n, v)
-        elif teacher_logits is not None:
-            if teacher_hidden is not None or teacher_weight is not None:
-                raise ValueError(f"{name}: give teacher_logits or teacher_hidden + teacher_weight, not both")
-            if teacher_logits.shape != (n, v):
-                raise ValueError(
-                    f"{name}: teacher_logits shape {tuple(teacher_logits.shape)} does not match [N, V] = [{n}, {v}]"
-                )
-        else:
-            if teacher_hidden is None or teacher_weight is None:
-                raise ValueError(f"{name}: needs teacher_hidden and teacher_weight (or teacher_logits)")
-            if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
-                raise ValueError(
-                    f"{name}: teacher_hidden shape {tuple(teacher_hidden.shape)} does not match {n} student tokens"
-                )
-            if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[1]:
-                raise ValueError(
-                    f"{name}: teacher_weight {tuple(teacher_weight.shape)} does not fit teacher_hidden "
-                    f"{tuple(teacher_hidden.shape)}"
-                )
-            if teacher_weight.shape[0] != v:
-                raise ValueError(
-                    f"{name}: vocabulary mismatch: student lm_head has {v} rows, teacher lm_head has "
-                    f"{teacher_weight.shape[0]}; slice both to the shared tokenizer vocabulary first"
-                )
+    if not loss_fn.needs_teacher:
+        teacher = None
+    elif teacher is None:
+        raise ValueError(f"{name}: needs teacher_hidden and teacher_weight (or teacher_logits)")
     else:
-        teacher_hidden = teacher_weight = teacher_logits = teacher_topk = None
+        teacher.check(name, n, v)
     if denominator is not None and not float(denominator) > 0:
         raise ValueError(f"{name}: denominator must be > 0, got {denominator}")
     if chunk_size is not None and int(chunk_size) < 1:
@@ -231,13 +156,9 @@ def chunked_lm_head_loss(
     if k == 0:
         return (student_hidden.sum() + student_weight.sum()) * 0.0
     with torch.no_grad():
-        h_t = teacher_hidden[mask].detach() if teacher_hidden is not None else None
-        w_t = teacher_weight.detach() if teacher_weight is not None else None
-        t_logits = teacher_logits[mask].detach() if teacher_logits is not None else None
-        t_topk = tuple(x[mask].detach() for x in teacher_topk) if teacher_topk is not None else None
+        teacher = teacher.select(mask) if teacher is not None else None
     y = labels[mask] if labels is not None else None
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v)
     params = list(loss_fn.parameters())
     denom = float(denominator) if denominator is not None else float(k)
-    return _ChunkedLMHeadLoss.apply(h_s, student_weight, h_t, w_t, t_logits, t_topk, y, loss_fn, chunk, denom,
-                                    len(params), *params)
+    return _ChunkedLMHeadLoss.apply(h_s, student_weight, teacher, y, loss_fn, chunk, denom, len(params), *params)

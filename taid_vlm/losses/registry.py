@@ -44,6 +44,11 @@ def loss_parameters(name: str) -> dict[str, object]:
     return {k: p.default for k, p in sig.parameters.items() if k != "self" and k != "adaptive"}
 
 
+def loss_needs_teacher(name: str) -> bool:
+    """Whether loss ``name`` compares against a teacher (``ce`` does not): decided by the class, not the name."""
+    return _loss_class(name).needs_teacher
+
+
 def build_loss(name: str, **kwargs) -> DistillationLoss:
     cls = _loss_class(name)
     allowed = loss_parameters(name)

@@ -88,7 +88,7 @@ class DistillableModel(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict] = None) -> None:
         """Write the model atomically; ``state_dict`` (e.g. gathered from ZeRO-3) overrides the live weights."""
-        from .io import save_model
+        from .saving import save_model
 
         save_model(self, directory, state_dict=state_dict)
 

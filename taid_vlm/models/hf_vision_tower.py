@@ -12,7 +12,7 @@ import torch
 
 from .config_checks import check_keys, choose
 from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
-from .vision import VisionEncoder, check_feature_layer
+from .vision_encoder import VisionEncoder, check_feature_layer
 
 KEYS = ("type", "path", "config", "feature_layer", "drop_cls", "image_processor")
 _VISION_CLASSES = {

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config_checks import check_keys
-from .vision import VisionEncoder, check_feature_layer
+from .vision_encoder import VisionEncoder, check_feature_layer
 
 KEYS = ("type", "model", "config", "embed_dim", "quick_gelu", "pretrained", "feature_layer", "drop_cls", "preprocess")
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")

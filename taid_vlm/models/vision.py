@@ -1,59 +1,53 @@
-"""Vision encoder interface and the factory that picks an implementation from config.
+"""Vision towers by name, like the projectors: ``build_vision({type: open_clip, ...}, dtype)``.
 
-Every encoder returns patch tokens ``[B, N, D]`` (not a pooled vector), says how many tokens an image
-gives (``num_tokens``) and on what grid (``grid``, needed by pixel-shuffle projectors), and owns the image
-transform (PIL -> [3, H, W]) that the data pipeline must apply for it.
+A new tower family is a VisionEncoder subclass (vision_encoder.py) and one function decorated with
+``@register_vision_tower("name")`` that builds it from its config section; the tower module is
+imported only when a config asks for it (open_clip and transformers are heavy imports).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict
 
 import torch
-from torch import nn
 
 from .config_checks import choose
+from .vision_encoder import VisionEncoder, check_feature_layer  # noqa: F401 (the interface, re-exported)
+
+VisionFactory = Callable[[dict, torch.dtype, str], VisionEncoder]
+_REGISTRY: Dict[str, VisionFactory] = {}
 
 
-class VisionEncoder(nn.Module):
-    hidden_size: int
-    num_tokens: int
-    grid: Optional[Tuple[int, int]]  # (rows, cols) of the patch tokens; None if they do not form a grid
-    image_size: Tuple[int, int]  # (H, W) of the pixel tensors the encoder expects
-    image_transform: Callable[[Any], torch.Tensor]
+def register_vision_tower(name: str):
+    def deco(fn: VisionFactory) -> VisionFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"vision tower {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D]
-        raise NotImplementedError
-
-    def export_config(self) -> dict:
-        """A self-contained config that rebuilds this architecture with no weights and no local files."""
-        raise NotImplementedError
-
-    def unused_parameters(self):
-        """Parameters that do not feed the selected feature layer (kept so checkpoints still load)."""
-        return []
+    return deco
 
 
-VISION_TYPES = ("open_clip", "hf")
+def vision_tower_names() -> list:
+    return sorted(_REGISTRY)
 
 
 def build_vision(cfg: Any, dtype: torch.dtype, where: str = "model.vision") -> VisionEncoder:
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: expected a mapping, got {cfg!r}")
-    kind = choose(cfg.get("type"), VISION_TYPES, f"{where}.type", "vision encoder type")
-    if kind == "open_clip":
-        from .open_clip_tower import OpenClipVisionEncoder
-
-        enc = OpenClipVisionEncoder.from_config(cfg, where)
-    else:
-        from .hf_vision_tower import HFVisionEncoder
-
-        enc = HFVisionEncoder.from_config(cfg, dtype, where)
-    return enc.to(dtype)
+    kind = choose(cfg.get("type"), _REGISTRY, f"{where}.type", "vision encoder type")
+    return _REGISTRY[kind](cfg, dtype, where).to(dtype)
 
 
-def check_feature_layer(value: Any, num_layers: int, where: str) -> int:
-    """Absolute index (0-based block) of the feature layer; negative counts from the end (-1: last block)."""
-    if not isinstance(value, int) or isinstance(value, bool) or not -num_layers <= value < num_layers:
-        raise ValueError(f"{where}: feature layer must be an int in [{-num_layers}, {num_layers - 1}], got {value!r}")
-    return value % num_layers
+@register_vision_tower("open_clip")
+def _open_clip(cfg: dict, dtype: torch.dtype, where: str) -> VisionEncoder:
+    from .open_clip_tower import OpenClipVisionEncoder
+
+    return OpenClipVisionEncoder.from_config(cfg, where)
+
+
+@register_vision_tower("hf")
+def _hugging_face(cfg: dict, dtype: torch.dtype, where: str) -> VisionEncoder:
+    from .hf_vision_tower import HFVisionEncoder
+
+    return HFVisionEncoder.from_config(cfg, dtype, where)

@@ -10,17 +10,19 @@ teacher along with its sample by construction.
 from __future__ import annotations
 
 import os
-from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from taid_vlm.data.align import matching_tokens
+from taid_vlm.data.render import IGNORE_INDEX
+from taid_vlm.data.skips import SampleError
+
 from . import format as fmt
 from .manifest import CacheMismatchError, read_manifest
 
-IGNORE_INDEX = -100
 # Skip reasons (counted by the data pipeline's SkipCounter).
 CACHE_MISSING = "teacher_cache_missing"  # the companion ended before the data shard (truncated companion)
 CACHE_CORRUPT = "teacher_cache_corrupt"  # a companion record that does not parse
@@ -78,8 +80,6 @@ class TeacherCache:
         longest common subsequence of the two supervised-token lists (align.py's rule; identical lists,
         the usual case, take a fast path), so a student with another chat template still pairs the k-th
         supervised token of each side. Raises ValueError subclasses for the pipeline to count."""
-        from taid_vlm.data.skips import SampleError
-
         try:
             rec = fmt.decode(record)
         except fmt.CacheRecordError as e:
@@ -91,10 +91,7 @@ class TeacherCache:
         teacher = rec.targets.tolist()
         if student == teacher:
             return rec, labels, 0
-        keep_s, keep_t = [], []
-        for a, b, size in SequenceMatcher(None, student, teacher, autojunk=False).get_matching_blocks():
-            keep_s += range(a, a + size)
-            keep_t += range(b, b + size)
+        keep_s, keep_t = matching_tokens(student, teacher)
         if not keep_s:
             raise SampleError(CACHE_TARGETS, f"{key}: the student shares no supervised token with the cached teacher")
         new = [IGNORE_INDEX] * len(labels)

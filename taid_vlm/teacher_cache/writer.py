@@ -14,6 +14,9 @@ shards are dealt round-robin over ranks; with ``teacher.placement: zero3`` the r
 teacher gathers its parameters collectively. Each finished companion shard is renamed into place and
 its statistics written under ``.parts/``; a rerun skips finished shards (``overwrite=False``). Rank 0
 writes ``manifest.json`` last.
+
+Memory. A shard is streamed: rendered samples (pixels included) are held for at most two batches (the
+batch being run and the one read ahead to know whether it is the shard's last), never a whole shard.
 """
 
 from __future__ import annotations
@@ -24,9 +27,19 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from taid_vlm.data.collate import collate
+from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
+from taid_vlm.data.pipeline import read_shard
+from taid_vlm.data.render import IGNORE_INDEX, Renderer, pad_token_id
+from taid_vlm.data.samples import decode_sample
+from taid_vlm.data.shards import expand_shards
+from taid_vlm.data.skips import SampleError, SkipCounter
+from taid_vlm.losses import OnlineTeacher
+from taid_vlm.losses.chunked import default_chunk_size
 
 from . import format as fmt
 from .manifest import (FORMAT, VERSION, rendering_hash, rendering_settings, totals, vocab_hash, weights_fingerprint,
@@ -39,10 +52,8 @@ PARTS = ".parts"
 
 def topk_from_hidden(h: torch.Tensor, w: torch.Tensor, k: int, chunk: Optional[int] = None):
     """[K, H] hidden, [V, H] lm_head -> (ids int32 [K, k], logprobs float32 [K, k], log_tail float32 [K]),
-    chunk by chunk (no [K, V] tensor). Logits as in the chunked loss: matmul in the model dtype, then
-    float32 (float64 stays float64)."""
-    from taid_vlm.losses.chunked import _matmul_into, default_chunk_size
-
+    chunk by chunk (no [K, V] tensor). Logits exactly as the chunked loss gets them (the same
+    OnlineTeacher rows: matmul in the model dtype, then float32; float64 stays float64)."""
     n, v = h.shape[0], w.shape[0]
     dtype = torch.promote_types(h.dtype, torch.float32)
     ids = torch.empty(n, k, dtype=torch.int32, device=h.device)
@@ -50,10 +61,10 @@ def topk_from_hidden(h: torch.Tensor, w: torch.Tensor, k: int, chunk: Optional[i
     tail = torch.empty(n, dtype=dtype, device=h.device)
     c = chunk or default_chunk_size(n, v)
     buf = torch.empty(min(c, max(n, 1)), v, dtype=dtype, device=h.device)
+    source = OnlineTeacher(h, w)
     for start in range(0, n, c):
         end = min(start + c, n)
-        x = _matmul_into(buf[: end - start], h[start:end], w)
-        x = torch.log_softmax(x, -1)
+        x = torch.log_softmax(source.fill(buf[: end - start], start, end), -1)
         values, index = x.topk(k, -1, sorted=True)
         ids[start:end], lps[start:end] = index.to(torch.int32), values
         # the tail's log-mass as a log-sum-exp over the rest: exact even when it is tiny (1 - sum would cancel)
@@ -78,10 +89,6 @@ class _ShardJob:
 def _pending_batches(job: _ShardJob, renderer, cfg_data: Dict[str, Any], batch_size: int, stats: dict):
     """Yield lists of ``(key, Rendered | reason)`` in file order, each holding at most ``batch_size``
     renderable samples (skips ride along in place, so records are written in data order)."""
-    from taid_vlm.data.pipeline import read_shard
-    from taid_vlm.data.samples import decode_sample
-    from taid_vlm.data.skips import SampleError, SkipCounter
-
     skips = SkipCounter()
     pending: list = []
     n_ok = 0
@@ -104,11 +111,19 @@ def _pending_batches(job: _ShardJob, renderer, cfg_data: Dict[str, Any], batch_s
         stats["read_errors"][reason] = stats["read_errors"].get(reason, 0) + n
 
 
-def _first_renderable(jobs, renderer, data_cfg):
-    from taid_vlm.data.pipeline import read_shard
-    from taid_vlm.data.samples import decode_sample
-    from taid_vlm.data.skips import SampleError, SkipCounter
+def _with_last_flag(batches: Iterator[list]) -> Iterator[Tuple[list, bool]]:
+    """(batch, is_last) with one batch of look-ahead; a shard without samples gives ([], True)."""
+    prev = next(batches, None)
+    if prev is None:
+        yield [], True
+        return
+    for nxt in batches:
+        yield prev, False
+        prev = nxt
+    yield prev, True
 
+
+def _first_renderable(jobs, renderer, data_cfg):
     for job in jobs:
         for raw in read_shard(job.source, SkipCounter()):
             try:
@@ -118,182 +133,239 @@ def _first_renderable(jobs, renderer, data_cfg):
     raise ValueError("no shard holds a single sample the teacher can render")
 
 
+class _TeacherTopK:
+    """The placed teacher on a batch of rendered samples -> per sample (targets, ids, logprobs, log_tail).
+    In lockstep (ZeRO-3 teacher, several ranks) a rank without work still runs a dummy batch, because the
+    sharded teacher gathers its parameters collectively."""
+
+    def __init__(self, teacher, pad_id: int, vocab_size: int, k: int, device, dummy=None):
+        self.teacher, self.pad_id, self.vocab_size, self.k, self.device = teacher, pad_id, vocab_size, k, device
+        self.dummy = dummy
+
+    def _topk(self, rendered: list):
+        from taid_vlm.train.device import to_device
+
+        t_in = to_device(collate(rendered, self.pad_id), self.device)
+        h = self.teacher.hidden(t_in)
+        with self.teacher.output_weight() as w:
+            return t_in, topk_from_hidden(h, w[: self.vocab_size], self.k)
+
+    def __call__(self, items: list) -> list:
+        rendered = [r for _, r in items if not isinstance(r, str)]
+        if not rendered:
+            if self.dummy is not None:  # every rank must run the sharded teacher the same number of times
+                self._topk([self.dummy])
+            return []
+        t_in, (ids, lps, tail) = self._topk(rendered)
+        counts = (t_in["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        targets = t_in["loss_targets"].to(torch.int32).cpu().split(counts)
+        ids, lps, tail = ids.cpu().split(counts), lps.float().cpu().split(counts), tail.float().cpu().split(counts)
+        return list(zip(targets, ids, lps, tail))
+
+
+class _CompanionShard:
+    """One companion tar being written to ``NAME.tmp`` (gzip level 1 when ``compress``), renamed into place
+    and its statistics stored under ``.parts/`` by ``finish``."""
+
+    def __init__(self, out: Path, job: _ShardJob, compress: bool, logprob_dtype: str):
+        import webdataset as wds
+
+        self.out, self.job, self.logprob_dtype = out, job, logprob_dtype
+        self.final = out / job.companion
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self.raw_file = open(self.tmp, "wb")
+        self.stream = (gzip.GzipFile(filename="", fileobj=self.raw_file, mode="wb", compresslevel=1, mtime=0)
+                       if compress else self.raw_file)
+        self.writer = wds.TarWriter(self.stream, mtime=0)
+        self.cached = self.tokens = self.payload = 0
+
+    def write(self, items: list, results: list) -> None:
+        """One record per item, in data order: the teacher's top-k, or the reason it could not render."""
+        results = iter(results)
+        for key, r in items:
+            if isinstance(r, str):
+                self.writer.write({"__key__": key, fmt.SKIP_FIELD: r.encode()})
+                continue
+            targets, ids, lps, tail = next(results)
+            rec = fmt.encode(targets.numpy(), ids.numpy(), lps.numpy(), tail.numpy(), self.logprob_dtype)
+            self.writer.write({"__key__": key, fmt.TOPK_FIELD: rec})
+            self.cached += 1
+            self.tokens += int(targets.shape[0])
+            self.payload += len(rec)
+
+    def finish(self, stats: dict) -> dict:
+        self.writer.close()
+        if self.stream is not self.raw_file:
+            self.stream.close()
+        self.raw_file.flush()
+        os.fsync(self.raw_file.fileno())
+        self.raw_file.close()
+        os.replace(self.tmp, self.final)
+        job = self.job
+        entry = {"split": job.split, "source": os.path.realpath(job.source), "companion": job.companion,
+                 "source_bytes": os.path.getsize(job.source), "samples": stats["samples"],
+                 "cached": self.cached, "skipped": stats["skipped"], "read_errors": stats["read_errors"],
+                 "supervised_tokens": self.tokens, "bytes": os.path.getsize(self.final), "payload_bytes": self.payload}
+        _part_path(self.out, job).write_text(json.dumps(entry))
+        return entry
+
+
+def _part_path(out: Path, job: _ShardJob) -> Path:
+    return out / PARTS / (job.companion.replace("/", "__") + ".json")
+
+
+def _processes(cfg):
+    """(rank, world, device): a process group under a launcher or for a ZeRO-3 teacher; else one plain
+    process (e.g. from Python), which needs none for a replicated teacher."""
+    from taid_vlm.train.launch_env import init_distributed
+
+    if "RANK" in os.environ or cfg.teacher.placement == "zero3":
+        return init_distributed()
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare_folder(out: Path, rank: int, overwrite: bool) -> None:
+    from taid_vlm.train.launch_env import barrier
+
+    if rank == 0:
+        (out / PARTS).mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for p in (out / PARTS).glob("*.json"):
+                p.unlink()
+        if (out / "manifest.json").exists():
+            (out / "manifest.json").unlink()  # an older manifest must not vouch for a cache being rewritten
+    barrier()
+
+
+def _shard_jobs(cfg, splits: Sequence[str]) -> List[_ShardJob]:
+    from taid_vlm.train.components import shard_paths
+
+    jobs: List[_ShardJob] = []
+    for split in splits:
+        spec_paths = getattr(cfg.data, split)
+        if spec_paths is None:
+            continue
+        paths = expand_shards(shard_paths(cfg, spec_paths))
+        jobs += [_ShardJob(split, p, c) for p, c in zip(paths, companion_names(paths, split))]
+    if not jobs:
+        raise ValueError(f"no shards to cache: data.{' / data.'.join(splits)} not set")
+    return jobs
+
+
+def _work(mine: List[_ShardJob], out: Path, renderer, data_cfg: dict, bs: int, resumable: bool, rank: int):
+    """(job, items, stats, is_last_batch_of_shard) for this rank, streamed; shards already finished
+    (companion and part file present) are skipped when ``resumable``."""
+    for job in mine:
+        if resumable and (out / job.companion).is_file() and _part_path(out, job).is_file():
+            log.info("rank %d: %s already cached, skipped", rank, job.companion)
+            continue
+        stats = {"samples": 0, "skipped": {}, "read_errors": {}}
+        for items, last in _with_last_flag(_pending_batches(job, renderer, data_cfg, bs, stats)):
+            yield job, items, stats, last
+
+
+def _write_companions(work: Iterator, run_teacher: _TeacherTopK, out: Path, lockstep: bool, device, rank: int,
+                      compress: bool, logprob_dtype: str) -> None:
+    from taid_vlm.train.launch_env import all_reduce_sum
+
+    shard = None
+    while True:
+        nxt = next(work, None)
+        if lockstep and all_reduce_sum([1.0 if nxt is not None else 0.0], device)[0] == 0:
+            break
+        if nxt is None:
+            if not lockstep:
+                break
+            run_teacher([])  # this rank is done: a dummy forward keeps the collective gathers matched
+            continue
+        job, items, stats, last = nxt
+        if shard is None:
+            shard = _CompanionShard(out, job, compress, logprob_dtype)
+        shard.write(items, run_teacher(items))
+        if last:
+            entry = shard.finish(stats)
+            log.info("rank %d: %s: %d samples cached, %d skipped, %d tokens, %.1f bytes/token", rank, job.companion,
+                     shard.cached, sum(stats["skipped"].values()), shard.tokens,
+                     entry["bytes"] / max(shard.tokens, 1))
+            shard = None
+
+
 def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"), batch_size: Optional[int] = None,
                 logprob_dtype: str = "float16", overwrite: bool = False, compress: bool = True) -> Optional[dict]:
     """Every rank calls this. Returns the manifest on rank 0 (None elsewhere). ``compress``: gzip each
     companion tar (level 1; the file name stays ``.tar``, readers detect gzip by its magic bytes). It
     removes the tar headers' and paddings' zeros and the ids' zero high bytes at little CPU cost."""
-    from taid_vlm.data.collate import collate
-    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
-    from taid_vlm.data.render import Renderer, pad_token_id
-    from taid_vlm.data.shards import expand_shards
-    from taid_vlm.train.ds_config import teacher_zero3_config
-    from taid_vlm.train.launch_env import all_reduce_sum, barrier, init_distributed
-    from taid_vlm.train.teacher import Teacher
+    from taid_vlm.train.components import build_role_model, place_teacher
+    from taid_vlm.train.launch_env import barrier
+    from taid_vlm.train.synthetic import ensure_synthetic_data
     from taid_vlm.train.zero3 import gathered
-    from taid_vlm.train.trainer import DTYPES, _shards, build_role_model, to_device
 
     if logprob_dtype not in fmt.DTYPE_CODES:
         raise ValueError(f"logprob_dtype must be one of {sorted(fmt.DTYPE_CODES)}, got {logprob_dtype!r}")
     if cfg.teacher.model is None:
         raise ValueError("teacher.model: the cache writer needs the teacher model config")
-    if "RANK" in os.environ or cfg.teacher.placement == "zero3":
-        rank, world, device = init_distributed()
-    else:  # one plain process (e.g. from Python): no process group needed for a replicated teacher
-        rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from taid_vlm.train.synthetic import ensure_synthetic_data
-
+    rank, world, device = _processes(cfg)
     ensure_synthetic_data(cfg, rank)  # the tiny recipes generate their shards on first use
     out = Path(out).resolve()
-    parts_dir = out / PARTS
-    if rank == 0:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for p in parts_dir.glob("*.json"):
-                p.unlink()
-        if (out / "manifest.json").exists():
-            (out / "manifest.json").unlink()  # an older manifest must not vouch for a cache being rewritten
-    barrier()
+    _prepare_folder(out, rank, overwrite)
 
     model = build_role_model(cfg.teacher.model, "teacher")
     spec = model.input_spec
     vocab_size = len(spec.tokenizer)
     if not 1 <= k <= vocab_size:
         raise ValueError(f"--k must be in [1, {vocab_size}] (the tokenizer's vocabulary), got {k}")
-    bf16 = cfg.train.precision == "bf16"
-    t_dtype = DTYPES[cfg.teacher.dtype] if cfg.teacher.dtype else (torch.bfloat16 if bf16 else torch.float32)
-    ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
-    teacher = Teacher(model, cfg.teacher.placement, device, t_dtype, ds_t)
+    teacher = place_teacher(cfg, model, device, world)
     fingerprint = weights_fingerprint(teacher.model, gathered)
 
     caption = cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION
     data_cfg = {"caption_instruction": caption, "text_only": cfg.data.text_only}
     renderer = Renderer(spec, cfg.data.max_length)
-    pad_id = pad_token_id(spec.tokenizer)
-    jobs: List[_ShardJob] = []
-    for split in splits:
-        spec_paths = getattr(cfg.data, split)
-        if spec_paths is None:
-            continue
-        paths = expand_shards(_shards(cfg, spec_paths))
-        jobs += [_ShardJob(split, p, c) for p, c in zip(paths, companion_names(paths, split))]
-    if not jobs:
-        raise ValueError(f"no shards to cache: data.{' / data.'.join(splits)} not set")
-    mine = jobs[rank::world]
+    jobs = _shard_jobs(cfg, splits)
     lockstep = cfg.teacher.placement == "zero3" and world > 1
     if lockstep and len(jobs) < world:
         raise ValueError(f"{len(jobs)} shards < {world} processes with a ZeRO-3 teacher: use at most {len(jobs)} processes")
     bs = int(batch_size or cfg.train.micro_batch_size)
-
     dummy = _first_renderable(jobs, renderer, data_cfg) if lockstep else None
-
-    def run_teacher(items) -> list:
-        rendered = [r for _, r in items if not isinstance(r, str)]
-        if not rendered:
-            if lockstep:  # every rank must run the sharded teacher the same number of times
-                h = teacher.hidden(to_device(collate([dummy], pad_id), device))
-                with teacher.output_weight() as w:
-                    topk_from_hidden(h, w[:vocab_size], k)
-            return []
-        t_in = to_device(collate(rendered, pad_id), device)
-        h = teacher.hidden(t_in)
-        with teacher.output_weight() as w:
-            ids, lps, tail = topk_from_hidden(h, w[:vocab_size], k)
-        counts = (t_in["labels"][:, 1:] != -100).sum(1).tolist()
-        targets = t_in["loss_targets"].to(torch.int32).cpu().split(counts)
-        ids, lps, tail = ids.cpu().split(counts), lps.float().cpu().split(counts), tail.float().cpu().split(counts)
-        return list(zip(targets, ids, lps, tail))
-
-    def shard_work() -> Iterator[tuple]:
-        """(job, items, is_last_batch_of_shard) for this rank, skipping shards already finished."""
-        for job in mine:
-            final = out / job.companion
-            part = parts_dir / (job.companion.replace("/", "__") + ".json")
-            if not overwrite and not lockstep and final.is_file() and part.is_file():
-                log.info("rank %d: %s already cached, skipped", rank, job.companion)
-                continue
-            stats = {"samples": 0, "skipped": {}, "read_errors": {}}
-            job.stats = stats
-            batches = list(_pending_batches(job, renderer, data_cfg, bs, stats)) or [[]]
-            for i, items in enumerate(batches):
-                yield job, items, i == len(batches) - 1
-
-    import webdataset as wds
+    run_teacher = _TeacherTopK(teacher, pad_token_id(spec.tokenizer), vocab_size, k, device, dummy)
 
     t0 = time.perf_counter()
-    work = shard_work()
-    writer = current = None
-    while True:
-        nxt = next(work, None)
-        if lockstep:
-            active = all_reduce_sum([1.0 if nxt is not None else 0.0], device)[0]
-            if active == 0:
-                break
-            if nxt is None:
-                run_teacher([])  # this rank is done: a dummy forward keeps the collective gathers matched
-                continue
-        elif nxt is None:
-            break
-        job, items, last = nxt
-        if current is not job:
-            final = out / job.companion
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(final.name + ".tmp")
-            raw_file = open(tmp, "wb")
-            stream = gzip.GzipFile(filename="", fileobj=raw_file, mode="wb", compresslevel=1, mtime=0) if compress else raw_file
-            writer = wds.TarWriter(stream, mtime=0)
-            current, job.cached, job.tokens, job.payload = job, 0, 0, 0
-        results = iter(run_teacher(items))
-        for key, r in items:
-            if isinstance(r, str):
-                writer.write({"__key__": key, fmt.SKIP_FIELD: r.encode()})
-                continue
-            targets, ids, lps, tail = next(results)
-            rec = fmt.encode(targets.numpy(), ids.numpy(), lps.numpy(), tail.numpy(), logprob_dtype)
-            writer.write({"__key__": key, fmt.TOPK_FIELD: rec})
-            job.cached += 1
-            job.tokens += int(targets.shape[0])
-            job.payload += len(rec)
-        if last:
-            writer.close()
-            if stream is not raw_file:
-                stream.close()
-            raw_file.flush()
-            os.fsync(raw_file.fileno())
-            raw_file.close()
-            final = out / job.companion
-            tmp = final.with_name(final.name + ".tmp")
-            os.replace(tmp, final)
-            entry = {"split": job.split, "source": os.path.realpath(job.source), "companion": job.companion,
-                     "source_bytes": os.path.getsize(job.source), "samples": job.stats["samples"],
-                     "cached": job.cached, "skipped": job.stats["skipped"], "read_errors": job.stats["read_errors"],
-                     "supervised_tokens": job.tokens, "bytes": os.path.getsize(final), "payload_bytes": job.payload}
-            part = parts_dir / (job.companion.replace("/", "__") + ".json")
-            part.write_text(json.dumps(entry))
-            log.info("rank %d: %s: %d samples cached, %d skipped, %d tokens, %.1f bytes/token", rank, job.companion,
-                     job.cached, sum(job.stats["skipped"].values()), job.tokens, entry["bytes"] / max(job.tokens, 1))
-            current = writer = None
+    work = _work(jobs[rank::world], out, renderer, data_cfg, bs, not overwrite and not lockstep, rank)
+    _write_companions(work, run_teacher, out, lockstep, device, rank, compress, logprob_dtype)
     elapsed = time.perf_counter() - t0
     barrier()
     if rank != 0:
         return None
-    entries = []
-    for job in jobs:
-        part = parts_dir / (job.companion.replace("/", "__") + ".json")
-        if not part.is_file():
-            raise RuntimeError(f"companion {job.companion} of {job.source} was not written by any rank")
-        entries.append(json.loads(part.read_text()))
-    settings = rendering_settings(spec, cfg.data.max_length, cfg.data.text_only, caption)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "complete": True, "k": k, "vocab_size": vocab_size,
-        "logprob_dtype": logprob_dtype, "compression": "gzip" if compress else None, "bytes_per_token_payload": fmt.bytes_per_token(k, logprob_dtype),
-        "teacher": {"config": json.loads(json.dumps(cfg.teacher.model, default=str)), "placement": cfg.teacher.placement,
-                    "dtype": str(t_dtype).replace("torch.", ""), "weights_fingerprint": fingerprint},
-        "tokenizer": {"vocab_hash": vocab_hash(spec.tokenizer), "size": vocab_size},
-        "rendering": settings, "rendering_hash": rendering_hash(settings),
-        "shards": entries, "totals": totals(entries),
-        "writer": {"processes": world, "seconds_rank0": round(elapsed, 3), "batch_size": bs},
-    }
+    manifest = _manifest(cfg, spec, k, vocab_size, logprob_dtype, compress, fingerprint, caption,
+                         _collect_parts(out, jobs), {"processes": world, "seconds_rank0": round(elapsed, 3), "batch_size": bs})
     write_manifest(out, manifest)
     log.info("teacher cache %s: %s", out, json.dumps(manifest["totals"]))
     return manifest
+
+
+def _manifest(cfg, spec, k: int, vocab_size: int, logprob_dtype: str, compress: bool, fingerprint: str,
+              caption: str, entries: List[dict], writer: dict) -> dict:
+    from taid_vlm.train.components import teacher_dtype
+
+    settings = rendering_settings(spec, cfg.data.max_length, cfg.data.text_only, caption)
+    return {
+        "format": FORMAT, "version": VERSION, "complete": True, "k": k, "vocab_size": vocab_size,
+        "logprob_dtype": logprob_dtype, "compression": "gzip" if compress else None,
+        "bytes_per_token_payload": fmt.bytes_per_token(k, logprob_dtype),
+        "teacher": {"config": json.loads(json.dumps(cfg.teacher.model, default=str)), "placement": cfg.teacher.placement,
+                    "dtype": str(teacher_dtype(cfg)).replace("torch.", ""), "weights_fingerprint": fingerprint},
+        "tokenizer": {"vocab_hash": vocab_hash(spec.tokenizer), "size": vocab_size},
+        "rendering": settings, "rendering_hash": rendering_hash(settings),
+        "shards": entries, "totals": totals(entries),
+        "writer": writer,
+    }
+
+
+def _collect_parts(out: Path, jobs: List[_ShardJob]) -> List[dict]:
+    entries = []
+    for job in jobs:
+        part = _part_path(out, job)
+        if not part.is_file():
+            raise RuntimeError(f"companion {job.companion} of {job.source} was not written by any rank")
+        entries.append(json.loads(part.read_text()))
+    return entries

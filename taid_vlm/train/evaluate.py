@@ -11,95 +11,86 @@ is exact when the target is in the top-k, else the tail-uniform value; eval_kl i
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Optional
 
 import torch
 
+from taid_vlm.losses import TeacherSource
+
 from .launch_env import all_reduce_sum
 from .objective import hidden_at
+from .teacher import teacher_for_batch
 from .zero3 import gathered
 
 METRICS = ("kl", "top1_agreement", "student_ce", "teacher_ce", "student_acc", "teacher_acc")
+TEACHER_METRICS = ("kl", "top1_agreement", "teacher_ce", "teacher_acc")
 
 
 @torch.no_grad()
-def metric_sums(h_s, w_s, h_t, w_t, targets, chunk: int = 256, teacher_topk: Optional[dict] = None) -> dict[str, float]:
+def metric_sums(h_s, w_s, teacher: Optional[TeacherSource], targets, chunk: int = 256) -> dict[str, float]:
+    """Sums over the K supervised tokens: h_s [K, H], w_s [V, H], targets [K]; teacher rows pair with them."""
     sums = dict.fromkeys(METRICS, 0.0)
     for start in range(0, h_s.shape[0], chunk):
-        y = targets[start : start + chunk]
-        logq = torch.log_softmax((h_s[start : start + chunk] @ w_s.T).float(), -1)
+        end = min(start + chunk, h_s.shape[0])
+        y = targets[start:end]
+        logq = torch.log_softmax((h_s[start:end] @ w_s.T).float(), -1)
         sums["student_ce"] += float(-logq.gather(-1, y[:, None]).sum())
         sums["student_acc"] += float((logq.argmax(-1) == y).sum())
-        logp = None
-        if teacher_topk is not None:
-            from taid_vlm.losses.chunked import topk_log_probs_into
-
-            part = [teacher_topk[k][start : start + chunk] for k in ("ids", "logprobs", "log_tail")]
-            logp = torch.log_softmax(topk_log_probs_into(torch.empty_like(logq), *part), -1)
-        elif h_t is not None:
-            logp = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float(), -1)
-        if logp is not None:
-            p = logp.exp()
-            sums["kl"] += float(torch.where(p > 0, p * (logp - logq), 0.0).sum())
-            # from a cache the stored top-1 is the teacher's argmax (16-bit ties cannot reorder it)
-            top1 = teacher_topk["ids"][start : start + chunk, 0].long() if teacher_topk is not None else logp.argmax(-1)
-            sums["top1_agreement"] += float((top1 == logq.argmax(-1)).sum())
-            sums["teacher_ce"] += float(-logp.gather(-1, y[:, None]).sum())
-            sums["teacher_acc"] += float((top1 == y).sum())
+        if teacher is None:
+            continue
+        logp = torch.log_softmax(teacher.fill(torch.empty_like(logq), start, end), -1)
+        p = logp.exp()
+        sums["kl"] += float(torch.where(p > 0, p * (logp - logq), 0.0).sum())
+        top1 = teacher.top1(logp, start, end)
+        sums["top1_agreement"] += float((top1 == logq.argmax(-1)).sum())
+        sums["teacher_ce"] += float(-logp.gather(-1, y[:, None]).sum())
+        sums["teacher_acc"] += float((top1 == y).sum())
     return sums
 
 
 def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
              to_device=None) -> dict[str, float]:
     """Every rank calls this. Ranks that run out of batches keep stepping with a zero-weight batch so that
-    ZeRO-3's collective parameter gathers stay matched."""
+    ZeRO-3's collective parameter gathers stay matched. ``objective.student`` is the student model;
+    ``teacher`` a train.teacher.Teacher or None (batches may carry a cached top-k instead)."""
     was_training = objective.training
     objective.eval()
     totals = dict.fromkeys(METRICS, 0.0)
-    count = 0.0
+    count, seen, with_teacher = 0.0, 0, teacher is not None
     iterator = iter(batches)
     last: Optional[dict] = None
-    seen = 0
     try:
         while True:
-            batch = None
-            if not max_batches or seen < max_batches:
-                batch = next(iterator, None)
-            active = all_reduce_sum([1.0 if batch is not None else 0.0], device)[0]
-            if active == 0:
+            batch = next(iterator, None) if not max_batches or seen < max_batches else None
+            if all_reduce_sum([1.0 if batch is not None else 0.0], device)[0] == 0:
                 break
             real = batch is not None
             if not real:
                 if last is None:
                     raise RuntimeError("evaluation: this rank got no validation batch at all; use more val shards")
                 batch = last
-            last = batch
-            seen += 1
+            last, seen = batch, seen + 1
             if to_device is not None:
                 batch = to_device(batch)
-            s_in = batch["student"]
-            topk = batch.get("teacher_topk")
-            with torch.no_grad():
-                h_s = hidden_at(objective.student, s_in)
-                h_t = teacher.hidden(batch["teacher"]) if teacher is not None else None
-                w_s = objective.student.output_weight()
-                ctx = gathered(w_s)
-                t_ctx = teacher.output_weight() if teacher is not None else contextlib.nullcontext(None)
-                with ctx, t_ctx as w_t:
-                    sums = metric_sums(h_s, w_s[:vocab_size], h_t, w_t[:vocab_size] if w_t is not None else None,
-                                       s_in["loss_targets"], teacher_topk=topk)
+            sums, has_teacher = _batch_sums(objective.student, teacher, batch, vocab_size)
+            with_teacher = with_teacher or has_teacher
             if real:
                 for k in METRICS:
                     totals[k] += sums[k]
-                count += float(s_in["loss_targets"].numel())
+                count += float(batch["student"]["loss_targets"].numel())
     finally:
         objective.train(was_training)
     reduced = all_reduce_sum([totals[k] for k in METRICS] + [count], device)
     n = max(reduced[-1], 1.0)
-    out = {f"eval_{k}": v / n for k, v in zip(METRICS, reduced[:-1])}
-    if teacher is None and (last is None or "teacher_topk" not in last):
-        for k in ("kl", "top1_agreement", "teacher_ce", "teacher_acc"):
-            out.pop(f"eval_{k}")
+    out = {f"eval_{k}": v / n for k, v in zip(METRICS, reduced[:-1]) if with_teacher or k not in TEACHER_METRICS}
     out["eval_tokens"] = int(reduced[-1])
     return out
+
+
+@torch.no_grad()
+def _batch_sums(student, teacher, batch: dict, vocab_size: int) -> tuple[dict[str, float], bool]:
+    s_in = batch["student"]
+    h_s = hidden_at(student, s_in)
+    w_s = student.output_weight()
+    with teacher_for_batch(teacher, batch, vocab_size) as source, gathered(w_s):
+        return metric_sums(h_s, w_s[:vocab_size], source, s_in["loss_targets"]), source is not None

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from taid_vlm.losses import DistillationLoss
+from taid_vlm.losses import DistillationLoss, TeacherSource
 
 from .launch_env import all_reduce_sum
 
@@ -47,18 +47,14 @@ class DistillationObjective(nn.Module):
 
             deepspeed.zero.register_external_parameter(self, weight)
 
-    def forward(self, student_inputs: dict, teacher_hidden: Optional[torch.Tensor] = None,
-                teacher_weight: Optional[torch.Tensor] = None, teacher_topk: Optional[dict] = None,
+    def forward(self, student_inputs: dict, teacher: Optional[TeacherSource] = None,
                 denominator: Optional[float] = None) -> torch.Tensor:
-        """The loss of one micro-batch: its sum over supervised tokens divided by ``denominator``
-        (step_denominator), or their mean when None."""
+        """The loss of one micro-batch; ``teacher``: rows paired with ``student_inputs["loss_targets"]``. Its
+        sum over supervised tokens divided by ``denominator`` (step_denominator), or their mean when None."""
         h_s = hidden_at(self.student, student_inputs)
         w_s = self.student.output_weight()[: self.vocab_size]
-        w_t = teacher_weight[: self.vocab_size] if teacher_weight is not None else None
-        return self.loss_fn.fused(
-            h_s, w_s, teacher_hidden, w_t, mask=None, labels=student_inputs["loss_targets"], chunk_size=self.chunk_size,
-            teacher_topk=teacher_topk, denominator=denominator,
-        )
+        return self.loss_fn.fused(h_s, w_s, mask=None, labels=student_inputs["loss_targets"],
+                                  chunk_size=self.chunk_size, teacher=teacher, denominator=denominator)
 
 
 def step_denominator(batches: Iterable[dict], world_size: int, grad_accum: int, device: torch.device) -> float:

@@ -18,7 +18,7 @@ def ensure_synthetic_data(cfg: RunConfig, rank: int) -> None:
         return
     out = Path(cfg.resolve_path(cfg.data.synthetic_dir))
     if rank == 0 and not (out / "manifest.json").is_file():
-        from data_tools.synth_shapes import synth as write_synthetic
+        from taid_vlm.data.synthetic import synth as write_synthetic
 
         log.info("synthetic data missing: generating %d %s samples (seed %d) into %s", synth.n, synth.kind, synth.seed, out)
         write_synthetic(out, synth.n, seed=synth.seed, size=synth.size, val_fraction=synth.val_fraction,

@@ -1,4 +1,5 @@
-"""The frozen teacher beside the student: a replicated copy per device, or ZeRO-3 sharded over ranks."""
+"""The frozen teacher beside the student (a replicated copy per device, or ZeRO-3 sharded over ranks),
+and the TeacherSource it gives for one batch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+
+from taid_vlm.losses import CachedTopKTeacher, OnlineTeacher, TeacherSource
 
 from .objective import hidden_at
 from .zero3 import gathered
@@ -37,3 +40,18 @@ class Teacher:
         weight = self.model.output_weight()
         with gathered(weight):
             yield weight
+
+
+@contextlib.contextmanager
+def teacher_for_batch(teacher: Optional[Teacher], batch: dict, vocab_size: int) -> Iterator[Optional[TeacherSource]]:
+    """The teacher side of a batch: its cached top-k when the batch carries one, else the teacher model
+    run on ``batch["teacher"]`` (lm_head gathered under ZeRO-3 while the context is open), else None.
+    Rows pair with ``batch["student"]["loss_targets"]``; the first ``vocab_size`` logits are compared."""
+    if "teacher_topk" in batch:
+        yield CachedTopKTeacher.from_batch("teacher cache", batch["teacher_topk"])
+    elif teacher is None:
+        yield None
+    else:
+        hidden = teacher.hidden(batch["teacher"])
+        with teacher.output_weight() as weight:
+            yield OnlineTeacher(hidden, weight[:vocab_size])

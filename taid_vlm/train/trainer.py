@@ -1,8 +1,17 @@
-"""The distillation run: teacher forward (no grad) -> student forward -> chunked loss -> DeepSpeed step.
+"""The distillation recipe: teacher forward (no grad) -> student forward -> chunked loss -> DeepSpeed step.
 
-One optimizer step = grad_accum micro-batches per rank. The TAID schedule is updated once per
-optimizer step from the loss averaged over the micro-batches and the ranks, so every rank holds the
-same t. Read top to bottom: setup, resume, loop, end.
+    trainer = Trainer(cfg)
+    trainer.setup()      # process group, run folder, models, loss, DeepSpeed engine, teacher, data
+    trainer.resume()     # from the latest complete checkpoint when train.resume asks; opens the metrics log
+    trainer.fit()        # the loop below; returns the last logged metrics
+
+`fit` is: optional eval at step 0; then per optimizer step `train_step` (grad_accum micro-batches per
+rank, skipping non-finite ones on every rank alike; the loss of the step is the mean over ALL its
+supervised tokens, every micro-batch and every rank (objective.py), and drives ONE TAID schedule
+update, so every rank holds the same t and the result does not depend on the world size), the
+divergence guard, `log_step`, periodic `evaluate` and `save`, and a stop request (SIGTERM / SIGINT:
+save, then stop, signals.py); at the end a last evaluation and checkpoint. Each method runs on its
+own in a test process.
 """
 
 from __future__ import annotations
@@ -11,333 +20,304 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from taid_vlm.config import ConfigError, RunConfig
-from taid_vlm.losses import build_loss
 
 from . import checkpoint as ckpt
 from . import preflight
-from .guard import DivergenceError, DivergenceGuard, parameter_norm
-from .run_summary import summary_lines
-from .signals import GracefulStop, TrainingStopped
-from .ds_config import student_ds_config, teacher_zero3_config
+from .components import (build_loaders, build_loss_fn, build_models, build_optimizer, build_role_model,  # noqa: F401
+                         open_teacher_cache, place_teacher)
+from .device import to_device
+from .ds_config import student_ds_config
 from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
+from .guard import DivergenceError, DivergenceGuard, parameter_norm
 from .launch_env import all_reduce_sum, init_distributed
-from .lr_schedule import build_lr_scheduler
 from .metrics_log import MetricsLog
-from .objective import DistillationObjective, step_denominator
-from .objective import step_loss as global_step_loss
+from .objective import DistillationObjective, step_denominator, step_loss
+from .run_summary import summary_lines
+from .signals import GracefulStop, TrainingStopped
 from .synthetic import ensure_synthetic_data
-from .teacher import Teacher
+from .teacher import teacher_for_batch
 
 log = logging.getLogger("taid_vlm.train")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NonFiniteLossError(DivergenceError):
     pass
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, dict):
-            out[k] = to_device(v, device)
-        elif isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        else:
-            out[k] = v
-    return out
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.step = 0
+        self.last: dict[str, Any] = {}  # the last logged step record, updated by each evaluation
+        self.metrics: Optional[MetricsLog] = None  # opened by resume()
+        self._nonfinite_in_a_row = 0
+        self.dropped_total = 0  # non-finite micro-batches dropped over the whole run (kept across resume)
+        self._window = (0.0, time.perf_counter())  # tokens and start time of the throughput window
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        self.rank, self.world, self.device = init_distributed()
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.out_dir = Path(cfg.resolve_path(cfg.output_dir))
+        self.ckpt_root = self.out_dir / "checkpoints"
+        # Every check that needs no model first (paths, model keys, run folder, resume compatibility).
+        self.found = preflight.prepare_run(cfg, self.out_dir, self.rank)
+        torch.manual_seed(cfg.seed)  # same initialisation on every rank
+        ensure_synthetic_data(cfg, self.rank)
+        self.shards = preflight.shard_lists(cfg)
+        try:
+            self._build_student_side()
+        except (ValueError, OSError) as e:  # the model builders name the key; a bad folder is a user error too
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from e
+        self._build_teacher_side()
+        self._check_data_and_log_summary()
+        return self
+
+    def _build_student_side(self) -> None:
+        """Models, cache, loss, and the DeepSpeed engine around student + loss (ZeRO, precision, optimizer)."""
+        import deepspeed
+
+        cfg = self.cfg
+        self.teacher_model, self.student_model = build_models(cfg)
+        self.cache = open_teacher_cache(cfg, self.student_model)
+        self.vocab_size = len(self.student_model.tokenizer)  # rows compared with the teacher
+        self.loss_fn = build_loss_fn(cfg)
+        objective = DistillationObjective(self.student_model, self.loss_fn, self.vocab_size, cfg.loss.chunk_size)
+        objective.train()
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+        optimizer, self.scheduler = build_optimizer(cfg, self.params)
+        self.engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=self.scheduler,
+                                                    config=student_ds_config(cfg, self.world))
+        # DeepSpeed reports the gradient norm under ZeRO and mixed precision; plain fp32 ZeRO-0 we measure
+        # ourselves, before the engine clips and zeroes the gradients.
+        self.manual_grad_norm = cfg.deepspeed.zero_stage == 0 and cfg.train.precision != "bf16"
+
+    def _build_teacher_side(self) -> None:
+        """The placed teacher (`teacher`, used by evaluation), the one the loss uses (`train_teacher`: None
+        for SFT, whose teacher is for evaluation only), and the data loaders that render for them."""
+        cfg = self.cfg
+        self.teacher = None
+        if self.teacher_model is not None:
+            self.teacher = place_teacher(cfg, self.teacher_model, self.device, self.world)
+        uses_teacher = self.loss_fn.needs_teacher
+        self.train_teacher = self.teacher if uses_teacher else None
+        self.train_loader, self.make_val_loader = build_loaders(
+            cfg, self.student_model, self.teacher_model if uses_teacher else None, self.teacher_model,
+            self.rank, self.world, self.cache)
+        self.train_iter = None
+
+    def _check_data_and_log_summary(self) -> None:
+        """An all-bad train or val set fails now (skip reasons listed), not as a hang or a 0.0 metric."""
+        for data in [self.train_loader] + ([self.make_val_loader()] if self.make_val_loader is not None else []):
+            data.check_usable()
+        if self.rank == 0:
+            t = self.cfg.train
+            for line in summary_lines(self.teacher_model, self.student_model, self.world, t.micro_batch_size,
+                                      t.grad_accum, self.cfg.data.max_length, self.shards, self.cfg.teacher.cache):
+                log.info(line)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def resume(self) -> "Trainer":
+        """Restore step, engine, schedule, global data position and RNG from the checkpoint that setup
+        found (train.resume), on any world size (elastic.py); then open the metrics log at the step
+        reached and take the parameter norm the divergence guard compares against."""
+        cfg, found = self.cfg, self.found
+        if found is not None:
+            client = load_engine_checkpoint(self.engine, found, self.world, self.rank)
+            self.step = int(client["step"])
+            self.dropped_total = int(client.get("dropped_micro_batches", 0))
+            self.loss_fn.load_schedule_state(client["schedule"])
+            self.train_loader.load_state_dict(client["data"])
+            ckpt.set_rng_state(ckpt.load_rank_state(found, self.rank)["rng"])
+            log.info("resumed from %s at step %d", found, self.step)
+        self.metrics = MetricsLog(self.out_dir, self.rank == 0, cfg.train.total_steps, self.step,
+                                  cfg.train.progress_bar, cfg.train.tensorboard)
+        if found is not None:
+            self.metrics.write({"event": "resume", "step": self.step, "checkpoint": str(found)})
+        t = cfg.train
+        self.guard = DivergenceGuard(t.loss_jump_factor, t.max_zero_grad_steps, t.param_growth_factor)
+        self.guard.set_reference(self._parameter_norm())
+        return self
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        if t.eval_at_start and self.step == 0:
+            self.last.update(self.evaluate())
+        self._window = (0.0, time.perf_counter())
+        with GracefulStop() as stop:  # SIGTERM / SIGINT: finish the step, save, raise TrainingStopped
+            while self.step < t.total_steps:
+                record = self.train_step()
+                self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
+                self.log_step(record)
+                if _due(self.step, t.eval_every, t.total_steps):
+                    self.last.update(self.evaluate())
+                saved = self.save() if _due(self.step, t.save_every, t.total_steps) else None
+                self._stop_if_requested(stop, saved)
+            self.last.update(self.evaluate())
+            self.save()
+        self.close()
+        return self.last
+
+    def _stop_if_requested(self, stop: GracefulStop, saved: Optional[Path]) -> None:
+        """All ranks vote, so all stop after the same step; the checkpoint is written once."""
+        votes, signums = all_reduce_sum([1.0 if stop.requested else 0.0, float(stop.signum or 0)], self.device)
+        if votes == 0 or self.step >= self.cfg.train.total_steps:
+            return
+        path = saved or self.save()
+        signum = int(round(signums / votes))
+        self.metrics.write({"event": "stopped", "step": self.step, "signal": signum})
+        self.metrics.close()
+        raise TrainingStopped(signum, self.step, str(path))
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its record (the mean loss over all the step's supervised tokens on
+        all ranks, sums of tokens over ranks, skipped micro-batches, gradient norm)."""
+        if self.train_iter is None:
+            self.train_iter = iter(self.train_loader)
+        accum, world = self.cfg.train.grad_accum, self.world
+        # The step's batches are fetched first: every micro-batch loss is divided by the step's global token count.
+        step_batches = [next(self.train_iter) for _ in range(accum)]
+        denominator = step_denominator(step_batches, world, accum, self.device)
+        losses, skipped, tokens, supervised, grad_norm = [], 0, 0.0, 0.0, None
+        while len(losses) < accum:
+            batch = to_device(step_batches.pop(0) if step_batches else next(self.train_iter), self.device)
+            loss = self.micro_batch_loss(batch, denominator)
+            value = float(loss.detach())
+            if not self._finite_everywhere(value, batch):
+                skipped += 1
+                self.dropped_total += 1
+                continue
+            self.engine.backward(loss)
+            if self.manual_grad_norm and len(losses) == accum - 1:
+                grad_norm = _grad_norm(self.params)
+            self.engine.step()
+            losses.append(value)
+            tokens += float(batch["student"]["attention_mask"].sum())
+            supervised += float(batch["student"]["loss_targets"].numel())
+        self.step += 1
+        mean_loss = step_loss(losses, world, accum, self.device)
+        self.loss_fn.update(mean_loss, self.step, self.cfg.train.total_steps)
+        tokens, supervised = all_reduce_sum([tokens, supervised], self.device)
+        if not self.manual_grad_norm:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {"step": self.step, "loss": mean_loss, "tokens": tokens, "supervised_tokens": supervised,
+                "skipped_micro_batches": skipped, "grad_norm": float(grad_norm) if grad_norm is not None else None}
+
+    def micro_batch_loss(self, batch: dict, denominator: Optional[float] = None) -> torch.Tensor:
+        """Teacher side (online, cached or none) -> student forward -> chunked loss, for one micro-batch:
+        its token sum over ``denominator`` (objective.step_denominator), or its mean when None."""
+        try:
+            with teacher_for_batch(self.train_teacher, batch, self.vocab_size) as teacher:
+                return self.engine(batch["student"], teacher, denominator=denominator)
+        except torch.OutOfMemoryError as e:
+            s_in = batch["student"]
+            raise RuntimeError(
+                f"out of memory at step {self.step + 1}: student input_ids {tuple(s_in['input_ids'].shape)}, "
+                f"{s_in['loss_targets'].numel()} supervised tokens, samples {batch['keys'][:4]}; lower "
+                "train.micro_batch_size or data.max_length, set loss.chunk_size, enable gradient "
+                "checkpointing, or shard the teacher (teacher.placement: zero3)"
+            ) from e
+
+    def _finite_everywhere(self, value: float, batch: dict) -> bool:
+        """A non-finite micro-batch is dropped on every rank before backward (DeepSpeed never sees it, so
+        parameters and optimizer state stay as they were) and replaced by the next one; too many in a
+        row stop the run."""
+        if all_reduce_sum([0.0 if math.isfinite(value) else 1.0], self.device)[0] == 0:
+            self._nonfinite_in_a_row = 0
+            return True
+        self._nonfinite_in_a_row += 1
+        n, limit = self._nonfinite_in_a_row, self.cfg.train.max_nonfinite_in_a_row
+        log.warning("step %d: non-finite loss on some rank (here %s, samples %s); micro-batch skipped "
+                    "(%d in a row)", self.step + 1, value, batch["keys"][:4], n)
+        if n >= limit:
+            raise NonFiniteLossError(
+                f"{n} micro-batches in a row had a non-finite loss (at step {self.step + 1}); "
+                "stopping (train.max_nonfinite_in_a_row). Lower optim.lr, check the teacher and the data, "
+                "or train in fp32."
+            )
+        return False
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """Every train.log_every steps (and the last): metrics.jsonl, TensorBoard, progress bar."""
+        tokens, since = self._window
+        tokens += record["tokens"]
+        self._window = (tokens, since)
+        step, total = record["step"], self.cfg.train.total_steps
+        if step % self.cfg.train.log_every != 0 and step != total:
+            return
+        elapsed = time.perf_counter() - since
+        self.last = {
+            "step": step, "loss": record["loss"], "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": record["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "supervised_tokens": record["supervised_tokens"], "skipped_micro_batches": record["skipped_micro_batches"],
+            "dropped_micro_batches": self.dropped_total, "skipped_samples": self.train_loader.skips.as_dict(),
+        }
+        if self.loss_fn.t is not None:
+            self.last["t"] = self.loss_fn.t
+        self.metrics.write(self.last)
+        self.metrics.progress(step, record["loss"], self.loss_fn.t, self.last["tokens_per_s"], self.dropped_total)
+        self._window = (0.0, time.perf_counter())
+
+    # ---- evaluate, save, close -------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics at the current step (against the teacher when there is one); {} without val data."""
+        if self.make_val_loader is None:
+            return {}
+        result = evaluate(self.engine.module, self.teacher, self.make_val_loader(), self.device, self.vocab_size,
+                          self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device))
+        self.metrics.write({"step": self.step, **result})
+        if self.rank == 0:
+            log.info("eval step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    def save(self) -> Path:
+        """An atomic checkpoint of the current step: engine, schedule, the global data position, each
+        rank's RNG. Never of non-finite or blown-up parameters (the guard raises instead)."""
+        self.guard.check_before_save(self.step, self._parameter_norm())
+        client = {"step": self.step, "schedule": self.loss_fn.schedule_state(), "config": self.cfg.to_dict(),
+                  "model_type": self.student_model.kind, "data": self.train_loader.state_dict(),
+                  "world_size": self.world, "dropped_micro_batches": self.dropped_total}
+        # Each rank records its own schedule too: a check that every rank holds the same t.
+        rank_state = {"rng": ckpt.rng_state(), "schedule": self.loss_fn.schedule_state()}
+        path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, rank_state, self.rank,
+                                    self.cfg.train.keep_last, run_config=self.cfg.to_dict())
+        if self.rank == 0:
+            log.info("checkpoint %s", path)
+        return path
+
+    def _parameter_norm(self) -> float:
+        zero3 = self.cfg.deepspeed.zero_stage == 3
+        return parameter_norm(self.engine.module, zero3, lambda v: all_reduce_sum(v, self.device))
+
+    def close(self) -> None:
+        skips = self.train_loader.skips
+        if self.rank == 0:
+            log.info("skipped samples: %s", skips.summary())
+        self.metrics.write({"event": "end", "step": self.step, "skipped_samples": skips.as_dict()})
+        self.metrics.close()
 
 
-def build_role_model(model_cfg: dict, role: str):
-    """`{saved: DIR}` loads a model written by save_pretrained / `taid-vlm export`; anything else builds."""
-    from taid_vlm.models import build_model, load_model
-
-    if set(model_cfg) == {"saved"}:
-        return load_model(model_cfg["saved"], role=role)
-    if "saved" in model_cfg:
-        raise ConfigError(f"{role}.model.saved: takes no other keys beside it, got {sorted(model_cfg)}")
-    return build_model(model_cfg, role=role, where=f"{role}.model")
+def _due(step: int, every: int, total: int) -> bool:
+    """A periodic action at this step (the final step has its own, unconditional one)."""
+    return bool(every) and step % every == 0 and step < total
 
 
-def build_models(cfg: RunConfig):
-    from taid_vlm.models import check_vocab_compatible
-
-    student = build_role_model(cfg.student.model, "student")
-    teacher = None
-    if cfg.loss.name != "ce" and cfg.teacher.cache is None:  # a cached teacher is never built
-        teacher = build_role_model(cfg.teacher.model, "teacher")
-        check_vocab_compatible(teacher, student)
-    if cfg.data.pack:  # refuse before any step a model whose packed documents would attend to each other
-        from taid_vlm.models.packing import check_packable
-
-        for role, model in (("student", student), ("teacher", teacher)):
-            if model is not None:
-                try:
-                    check_packable(model, f"{role}.model")
-                except ValueError as e:
-                    raise ConfigError(str(e)) from None
-    return teacher, student
-
-
-def open_teacher_cache(cfg: RunConfig, student):
-    """`teacher.cache`: the cache, checked against this run (tokenizer, vocab size, rendering, teacher config)."""
-    if cfg.teacher.cache is None or cfg.loss.name == "ce":
-        return None
-    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
-    from taid_vlm.teacher_cache import CacheMismatchError, TeacherCache, check_manifest, vocab_hash
-
-    folder = cfg.resolve_path(cfg.teacher.cache)
-    try:
-        cache = TeacherCache(folder)
-        check_manifest(cache.manifest, folder, vocab=vocab_hash(student.tokenizer), vocab_size=len(student.tokenizer),
-                       max_length=cfg.data.max_length, text_only=cfg.data.text_only,
-                       caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-                       teacher_model=cfg.teacher.model)
-    except CacheMismatchError as e:
-        raise ConfigError(f"teacher.cache: {e}") from None
-    log.info("teacher from cache %s (k=%d, V=%d, teacher weights %s)", folder, cache.k, cache.vocab_size,
-             cache.manifest["teacher"]["weights_fingerprint"][:23])
-    return cache
-
-
-def build_loaders(cfg: RunConfig, student, teacher, rank: int, world: int, cache=None):
-    from taid_vlm.data import build_loader
-    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
-
-    common = dict(
-        batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length, num_workers=cfg.data.num_workers,
-        seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
-        caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache,
-    )
-    t_spec = teacher.input_spec if teacher is not None else None
-    train = build_loader(_shards(cfg, cfg.data.train), student.input_spec, t_spec, mode="train",
-                         grad_accum=cfg.train.grad_accum, **common)
-    val = None
-    if cfg.data.val is not None:
-        val_common = {**common, "pack": False}
-        val = lambda: build_loader(_shards(cfg, cfg.data.val), student.input_spec, t_spec, mode="eval", **val_common)  # noqa: E731
-    return train, val
-
-
-def _shards(cfg: RunConfig, spec):
-    if isinstance(spec, list):
-        return [cfg.resolve_path(s) for s in spec]
-    if isinstance(spec, str) and "," in spec and "{" not in spec:
-        return [cfg.resolve_path(s.strip()) for s in spec.split(",")]
-    return cfg.resolve_path(spec)
-
-
-def _trainable_params(module: torch.nn.Module):
-    return [p for p in module.parameters() if p.requires_grad]
+def _grad_norm(params: list) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) a distillation; every rank calls this. Returns the last logged metrics."""
-    rank, world, device = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out_dir = Path(cfg.resolve_path(cfg.output_dir))
-    ckpt_root = out_dir / "checkpoints"
-    found = preflight.prepare_run(cfg, out_dir, rank)  # [H6] checks before anything heavy; the run folder
-    torch.manual_seed(cfg.seed)  # same initialisation on every rank
-    ensure_synthetic_data(cfg, rank)
-    shards = preflight.shard_lists(cfg)  # [H6] train AND val shards exist
-
-    # ---- models, loss, engines -----------------------------------------------------------------
-    try:
-        teacher_model, student_model = build_models(cfg)
-    except (ValueError, OSError) as e:  # [H6] the model builders name the key; a bad folder is a user error too
-        raise ConfigError(str(e)) from e
-    cache = open_teacher_cache(cfg, student_model)
-    bf16 = cfg.train.precision == "bf16"
-    vocab_size = len(student_model.tokenizer)
-    loss_kwargs = dict(cfg.loss.params)
-    if cfg.loss.ce_weight:
-        loss_kwargs["ce_weight"] = cfg.loss.ce_weight
-    loss_fn = build_loss(cfg.loss.name, **loss_kwargs)
-    objective = DistillationObjective(student_model, loss_fn, vocab_size, cfg.loss.chunk_size)
-    objective.train()
-    params = _trainable_params(objective)
-    if not params:
-        raise ConfigError("student.model.freeze: every student parameter is frozen; nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, cfg.train.total_steps, cfg.optim)
-
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=student_ds_config(cfg, world))
-    teacher = None
-    if teacher_model is not None:
-        t_dtype = DTYPES[cfg.teacher.dtype] if cfg.teacher.dtype else (torch.bfloat16 if bf16 else torch.float32)
-        ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
-        teacher = Teacher(teacher_model, cfg.teacher.placement, device, t_dtype, ds_t)
-    train_loader, make_val_loader = build_loaders(cfg, student_model, teacher_model, rank, world, cache)
-    for data in [train_loader] + ([make_val_loader()] if make_val_loader is not None else []):
-        data.check_usable()  # an all-bad set fails now (reasons listed), not as a hang or a 0.0 metric
-    if rank == 0:  # [H6]
-        for line in summary_lines(teacher_model, student_model, world, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                                  cfg.data.max_length, shards, cfg.teacher.cache):
-            log.info(line)
-
-    # ---- resume ----------------------------------------------------------------------------------
-    step = 0
-    dropped_total = 0
-    if found is not None:
-        client = load_engine_checkpoint(engine, found, world, rank)  # any world size (elastic.py)
-        step = int(client["step"])
-        dropped_total = int(client.get("dropped_micro_batches", 0))
-        loss_fn.load_schedule_state(client["schedule"])
-        rank_state = ckpt.load_rank_state(found, rank)
-        train_loader.load_state_dict(client["data"])
-        ckpt.set_rng_state(rank_state["rng"])
-        log.info("resumed from %s at step %d", found, step)
-
-    metrics = MetricsLog(out_dir, rank == 0, cfg.train.total_steps, step, cfg.train.progress_bar, cfg.train.tensorboard)
-    if found is not None:
-        metrics.write({"event": "resume", "step": step, "checkpoint": str(found)})
-
-    zero3 = cfg.deepspeed.zero_stage == 3
-    guard = DivergenceGuard(cfg.train.loss_jump_factor, cfg.train.max_zero_grad_steps, cfg.train.param_growth_factor)
-    guard.set_reference(parameter_norm(engine.module, zero3, lambda v: all_reduce_sum(v, device)))  # [H6]
-
-    def save(at_step: int) -> Path:
-        # [H6] never write non-finite or blown-up parameters
-        guard.check_before_save(at_step, parameter_norm(engine.module, zero3, lambda v: all_reduce_sum(v, device)))
-        client = {"step": at_step, "schedule": loss_fn.schedule_state(), "config": cfg.to_dict(),
-                  "model_type": student_model.kind, "data": train_loader.state_dict(), "world_size": world,
-                  "dropped_micro_batches": dropped_total}
-        # Each rank records its own schedule too: a check that every rank holds the same t.
-        rank_state = {"rng": ckpt.rng_state(), "schedule": loss_fn.schedule_state()}
-        path = ckpt.save_checkpoint(engine, ckpt_root, at_step, client, rank_state, rank, cfg.train.keep_last,
-                                    run_config=cfg.to_dict())
-        if rank == 0:
-            log.info("checkpoint %s", path)
-        return path
-
-    def run_eval(at_step: int) -> dict[str, float]:
-        if make_val_loader is None:
-            return {}
-        result = evaluate(engine.module, teacher, make_val_loader(),
-                          device, vocab_size, cfg.train.eval_batches, to_device=lambda b: to_device(b, device))
-        metrics.write({"step": at_step, **result})
-        if rank == 0:
-            log.info("eval step %d: %s", at_step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-        return result
-
-    # ---- loop ------------------------------------------------------------------------------------
-    def forward(batch: dict, denominator: float) -> torch.Tensor:
-        if "teacher_topk" in batch:
-            return engine(batch["student"], teacher_topk=batch["teacher_topk"], denominator=denominator)
-        if teacher is None:
-            return engine(batch["student"], denominator=denominator)
-        h_t = teacher.hidden(batch["teacher"])
-        with teacher.output_weight() as w_t:
-            return engine(batch["student"], h_t, w_t, denominator=denominator)
-
-    total = cfg.train.total_steps
-    train_iter = iter(train_loader)
-    nonfinite_in_a_row = 0
-    last: dict[str, Any] = {}
-    tokens_window, time_window = 0.0, time.perf_counter()
-    # DeepSpeed reports the gradient norm under ZeRO and mixed precision; plain fp32 ZeRO-0 we measure
-    # ourselves, before the engine clips and zeroes the gradients.
-    manual_grad_norm = cfg.deepspeed.zero_stage == 0 and not bf16
-    if cfg.train.eval_at_start and step == 0:
-        last.update(run_eval(0))
-    stop = GracefulStop().install()  # [H6] SIGTERM/SIGINT: finish the step, save, exit
-    while step < total:
-        step_grad_norm = None
-        micro_losses, skipped = [], 0
-        step_tokens, step_supervised = 0.0, 0.0
-        step_batches = [next(train_iter) for _ in range(cfg.train.grad_accum)]
-        denominator = step_denominator(step_batches, world, cfg.train.grad_accum, device)
-        while len(micro_losses) < cfg.train.grad_accum:
-            batch = to_device(step_batches.pop(0) if step_batches else next(train_iter), device)
-            s_in = batch["student"]
-            try:
-                loss = forward(batch, denominator)
-            except torch.OutOfMemoryError as e:
-                raise RuntimeError(
-                    f"out of memory at step {step + 1}: student input_ids {tuple(s_in['input_ids'].shape)}, "
-                    f"{s_in['loss_targets'].numel()} supervised tokens, samples {batch['keys'][:4]}; lower "
-                    "train.micro_batch_size or data.max_length, set loss.chunk_size, enable gradient "
-                    "checkpointing, or shard the teacher (teacher.placement: zero3)"
-                ) from e
-            value = float(loss.detach())
-            # A non-finite micro-batch is dropped on every rank before backward (DeepSpeed never sees it,
-            # so the parameters and optimizer state stay as they were) and replaced by the next one.
-            if all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)[0] > 0:
-                skipped += 1
-                dropped_total += 1
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss on some rank (here %s, samples %s); micro-batch skipped "
-                            "(%d in a row)", step + 1, value, batch["keys"][:4], nonfinite_in_a_row)
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (at step {step + 1}); "
-                        "stopping (train.max_nonfinite_in_a_row). Lower optim.lr, check the teacher and the data, "
-                        "or train in fp32."
-                    )
-                continue
-            nonfinite_in_a_row = 0
-            engine.backward(loss)
-            if manual_grad_norm and len(micro_losses) == cfg.train.grad_accum - 1:
-                grads = [p.grad for p in params if p.grad is not None]
-                step_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            engine.step()
-            micro_losses.append(value)
-            step_tokens += float(s_in["attention_mask"].sum())
-            step_supervised += float(s_in["loss_targets"].numel())
-        step += 1
-        step_loss = global_step_loss(micro_losses, world, cfg.train.grad_accum, device)
-        loss_fn.update(step_loss, step, total)
-
-        tok, sup = all_reduce_sum([step_tokens, step_supervised], device)
-        tokens_window += tok
-        grad_norm = step_grad_norm if manual_grad_norm else engine.get_global_grad_norm()
-        guard.after_step(step, step_loss, float(grad_norm) if grad_norm is not None else None)  # [H6]
-        if step % cfg.train.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - time_window
-            last = {
-                "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tokens_window / max(elapsed, 1e-9), "supervised_tokens": sup,
-                "skipped_micro_batches": skipped, "dropped_micro_batches": dropped_total,
-                "skipped_samples": train_loader.skips.as_dict(),
-            }
-            if loss_fn.t is not None:
-                last["t"] = loss_fn.t
-            metrics.write(last)
-            metrics.progress(step, step_loss, loss_fn.t, last["tokens_per_s"], dropped_total)
-            tokens_window, time_window = 0.0, time.perf_counter()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-            last.update(run_eval(step))
-        saved_now = None
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            saved_now = save(step)
-        votes, signums = all_reduce_sum([1.0 if stop.requested else 0.0, float(stop.signum or 0)], device)
-        if votes > 0 and step < total:  # [H6] every rank stops after the same step
-            path = saved_now or save(step)
-            metrics.write({"event": "stopped", "step": step, "signal": int(round(signums / votes))})
-            metrics.close()
-            raise TrainingStopped(int(round(signums / votes)), step, str(path))
-
-    # ---- end -------------------------------------------------------------------------------------
-    last.update(run_eval(step))
-    save(step)
-    stop.uninstall()
-    if rank == 0:
-        log.info("skipped samples: %s", train_loader.skips.summary())
-    metrics.write({"event": "end", "step": step, "skipped_samples": train_loader.skips.as_dict()})
-    metrics.close()
-    return last
+    return Trainer(cfg).setup().resume().fit()

@@ -1,0 +1,143 @@
+"""What a run is assembled from, each built from the config by one function: the models, the teacher
+(for training, or for evaluation only in an SFT run), the teacher cache, the loss, the optimizer and
+its LR schedule, the data loaders. The recipe (trainer.py) calls them in order; the teacher-cache
+writer reuses the model and shard pieces."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from taid_vlm.config import ConfigError, RunConfig
+from taid_vlm.losses import DistillationLoss, build_loss, loss_needs_teacher
+from taid_vlm.models.config_checks import resolve_dtype
+
+from .ds_config import teacher_zero3_config
+from .lr_schedule import build_lr_scheduler
+from .teacher import Teacher
+
+log = logging.getLogger("taid_vlm.train")
+
+
+def build_role_model(model_cfg: dict, role: str):
+    """`{saved: DIR}` loads a model written by save_pretrained / `taid-vlm export`; anything else builds."""
+    from taid_vlm.models import build_model, load_model
+
+    if set(model_cfg) == {"saved"}:
+        return load_model(model_cfg["saved"], role=role)
+    if "saved" in model_cfg:
+        raise ConfigError(f"{role}.model.saved: takes no other keys beside it, got {sorted(model_cfg)}")
+    return build_model(model_cfg, role=role, where=f"{role}.model")
+
+
+def teacher_needed(cfg: RunConfig) -> bool:
+    """Build a teacher model: for the loss (unless a cache stands in for it), or to evaluate an SFT run
+    against it (loss `ce` with `teacher.model` given), so SFT curves are comparable with distillation's."""
+    if cfg.teacher.cache is not None and loss_needs_teacher(cfg.loss.name):
+        return False  # a cached teacher is never built
+    return loss_needs_teacher(cfg.loss.name) or cfg.teacher.model is not None
+
+
+def build_models(cfg: RunConfig):
+    """(teacher model or None, student model); the student is built first (same initialisation with and
+    without a teacher), the teacher checked for a shared vocabulary."""
+    from taid_vlm.models import check_vocab_compatible
+
+    student = build_role_model(cfg.student.model, "student")
+    teacher = None
+    if teacher_needed(cfg):
+        teacher = build_role_model(cfg.teacher.model, "teacher")
+        check_vocab_compatible(teacher, student)
+    if cfg.data.pack:  # refuse before any step a model whose packed documents would attend to each other
+        from taid_vlm.models.packing import check_packable
+
+        for role, model in (("student", student), ("teacher", teacher)):
+            if model is not None:
+                try:
+                    check_packable(model, f"{role}.model")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+    return teacher, student
+
+
+def teacher_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.teacher.dtype:
+        return resolve_dtype(cfg.teacher.dtype, "teacher.dtype")
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def place_teacher(cfg: RunConfig, model, device: torch.device, world: int) -> Teacher:
+    """The teacher replicated on this device, or ZeRO-3 sharded over the ranks (teacher.placement)."""
+    ds_t = teacher_zero3_config(cfg, world) if cfg.teacher.placement == "zero3" else None
+    return Teacher(model, cfg.teacher.placement, device, teacher_dtype(cfg), ds_t)
+
+
+def open_teacher_cache(cfg: RunConfig, student):
+    """`teacher.cache`: the cache, checked against this run (tokenizer, vocab size, rendering, teacher config)."""
+    if cfg.teacher.cache is None or not loss_needs_teacher(cfg.loss.name):
+        return None
+    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
+    from taid_vlm.teacher_cache import CacheMismatchError, TeacherCache, check_manifest, vocab_hash
+
+    folder = cfg.resolve_path(cfg.teacher.cache)
+    try:
+        cache = TeacherCache(folder)
+        check_manifest(cache.manifest, folder, vocab=vocab_hash(student.tokenizer), vocab_size=len(student.tokenizer),
+                       max_length=cfg.data.max_length, text_only=cfg.data.text_only,
+                       caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+                       teacher_model=cfg.teacher.model)
+    except CacheMismatchError as e:
+        raise ConfigError(f"teacher.cache: {e}") from None
+    log.info("teacher from cache %s (k=%d, V=%d, teacher weights %s)", folder, cache.k, cache.vocab_size,
+             cache.manifest["teacher"]["weights_fingerprint"][:23])
+    return cache
+
+
+def build_loss_fn(cfg: RunConfig) -> DistillationLoss:
+    kwargs = dict(cfg.loss.params)
+    if cfg.loss.ce_weight:
+        kwargs["ce_weight"] = cfg.loss.ce_weight
+    return build_loss(cfg.loss.name, **kwargs)
+
+
+def build_optimizer(cfg: RunConfig, params: list):
+    """(AdamW over the trainable parameters, its LR schedule); a clear error when nothing trains."""
+    if not params:
+        raise ConfigError("student.model.freeze: every student parameter is frozen; nothing to train")
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return optimizer, build_lr_scheduler(optimizer, cfg.train.total_steps, o)
+
+
+def shard_paths(cfg: RunConfig, spec):
+    """`data.train` / `data.val`: a list, a comma-separated string, or one path / brace pattern."""
+    if isinstance(spec, list):
+        return [cfg.resolve_path(s) for s in spec]
+    if isinstance(spec, str) and "," in spec and "{" not in spec:
+        return [cfg.resolve_path(s.strip()) for s in spec.split(",")]
+    return cfg.resolve_path(spec)
+
+
+def build_loaders(cfg: RunConfig, student, train_teacher, eval_teacher, rank: int, world: int, cache=None):
+    """(train loader, a function that opens a fresh validation loader or None). The train batches carry
+    the teacher's rendering only when the loss uses it; the validation batches whenever a teacher exists."""
+    from taid_vlm.data import build_loader
+    from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
+
+    common = dict(
+        batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length, num_workers=cfg.data.num_workers,
+        seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
+        caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache,
+    )
+    spec_of = lambda m: m.input_spec if m is not None else None  # noqa: E731
+    train = build_loader(shard_paths(cfg, cfg.data.train), student.input_spec, spec_of(train_teacher), mode="train",
+                         grad_accum=cfg.train.grad_accum, **common)
+    val: Optional[callable] = None
+    if cfg.data.val is not None:
+        val_common = {**common, "pack": False}
+        val = lambda: build_loader(shard_paths(cfg, cfg.data.val), student.input_spec, spec_of(eval_teacher),  # noqa: E731
+                                   mode="eval", **val_common)
+    return train, val

@@ -1,0 +1,107 @@
+"""The trainer as a recipe, driven piece by piece in this process: setup, evaluate, train_step, save,
+resume (exact continuation), the eval-only teacher of an SFT run, and the three teacher sources giving
+the same evaluation numbers."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from taid_vlm.config import load_config
+from taid_vlm.losses import CachedTopKTeacher, LogitsTeacher, OnlineTeacher
+from taid_vlm.train.evaluate import metric_sums
+from taid_vlm.train.trainer import Trainer
+from tests.train_helpers import CONFIGS
+
+
+@pytest.fixture(scope="module")
+def shapes_text(tmp_path_factory):
+    from taid_vlm.data.synthetic import synth
+
+    out = tmp_path_factory.mktemp("shapes_text")
+    synth(out, 120, seed=0, val_fraction=0.2, text_only=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """The trainer starts a world of one; restore the environment (RANK, MASTER_PORT ...) and tear the
+    group down afterwards so later tests and their subprocesses see a clean process."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def config(data, out, *overrides):
+    return load_config(CONFIGS / "tiny_text.yaml", [
+        f"data.train={data}/train", f"data.val={data}/val", "data.synthetic=null", f"output_dir={out}",
+        "train.total_steps=6", "train.eval_batches=2", "train.progress_bar=false", "train.tensorboard=false",
+        *overrides])
+
+
+@pytest.mark.slow
+def test_recipe_steps_save_and_resume_in_process(shapes_text, tmp_path, one_process_group):
+    run = Trainer(config(shapes_text, tmp_path / "run")).setup().resume()
+    assert run.step == 0 and run.train_teacher is run.teacher is not None
+    before = run.evaluate()
+    assert before["eval_kl"] > 0 and before["eval_tokens"] > 0
+    records = [run.train_step() for _ in range(2)]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert records[0]["supervised_tokens"] > 0 and records[0]["skipped_micro_batches"] == 0
+    assert run.loss_fn.t > 0.4  # one schedule update per optimizer step (the first only records J)
+    run.save()
+    assert (tmp_path / "run" / "checkpoints" / "step00000002" / "COMPLETE").is_file()
+    state_at_2 = run.loss_fn.schedule_state()
+    third = run.train_step()
+
+    again = Trainer(config(shapes_text, tmp_path / "run", "train.resume=true")).setup().resume()
+    assert again.step == 2 and again.loss_fn.schedule_state() == state_at_2
+    resumed = again.train_step()
+    # same parameters, optimizer state, data position and t: the same third step
+    assert resumed["loss"] == pytest.approx(third["loss"], rel=1e-6)
+    assert resumed["supervised_tokens"] == third["supervised_tokens"]
+    assert again.loss_fn.t == pytest.approx(run.loss_fn.t, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(shapes_text, tmp_path, one_process_group):
+    sft = ["loss.name=ce", "loss.params={}"]
+    with_teacher = Trainer(config(shapes_text, tmp_path / "a", *sft)).setup().resume()
+    assert with_teacher.teacher is not None and with_teacher.train_teacher is None
+    ev = with_teacher.evaluate()
+    assert ev["eval_kl"] > 0 and 0.0 <= ev["eval_top1_agreement"] <= 1.0 and "eval_teacher_ce" in ev
+
+    alone = Trainer(config(shapes_text, tmp_path / "b", *sft, "teacher.model=null")).setup().resume()
+    assert alone.teacher is None
+    ev_alone = alone.evaluate()
+    assert "eval_kl" not in ev_alone
+    # the eval-only teacher changes nothing of the student: same initialisation, same first steps
+    assert ev_alone["eval_student_ce"] == ev["eval_student_ce"]
+    assert [alone.train_step()["loss"] for _ in range(2)] == [with_teacher.train_step()["loss"] for _ in range(2)]
+    assert "teacher" not in next(iter(with_teacher.train_loader))  # train batches: no teacher rendering
+
+
+def test_metric_sums_agree_for_every_teacher_source():
+    g = torch.Generator().manual_seed(3)
+    K, H, V = 37, 8, 29
+    h_s, w_s = torch.randn(K, H, generator=g), torch.randn(V, H, generator=g)
+    h_t, w_t = torch.randn(K, H, generator=g), torch.randn(V, H, generator=g)
+    targets = torch.randint(0, V, (K,), generator=g)
+    logits = h_t @ w_t.T
+    logprobs, ids = torch.log_softmax(logits, -1).sort(-1, descending=True)
+    full_topk = CachedTopKTeacher(ids, logprobs, torch.full((K,), float("-inf")))  # k = V: exact
+    online = metric_sums(h_s, w_s, OnlineTeacher(h_t, w_t), targets, chunk=8)
+    for other in (LogitsTeacher(logits), full_topk):
+        got = metric_sums(h_s, w_s, other, targets, chunk=8)
+        assert got == pytest.approx(online, rel=1e-5, abs=1e-6)
+    assert online["kl"] > 0 and 0 <= online["top1_agreement"] <= K
+    alone = metric_sums(h_s, w_s, None, targets, chunk=8)
+    assert alone["student_ce"] == online["student_ce"] and alone["kl"] == 0.0
