@@ -428,7 +428,7 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch (default 4)")
     ap.add_argument("--seq", type=int, default=None, help="max_length; default 256 (CPU, padded), 2048 (GPU, packed)")
     ap.add_argument("--data", choices=["long", "qa"], default="long",
-                    help="long: short prompt + long answer (~85 %% of tokens supervised, like chat distillation); "
+                    help="long: short prompt + long answer (~70 %% of tokens supervised, like chat distillation); "
                          "qa: the shapes_text Q/A recipe data (short answers, ~10 %% supervised)")
     ap.add_argument("--loss", default="fkl", help="our loss (fkl matches the peers' objective; taid also works)")
     ap.add_argument("--only", nargs="*", choices=["ours", *PEERS], help="run only these trainers")
