@@ -339,7 +339,7 @@ class SampleStream(IterableDataset):
 
         slots = layout.worker_slots(origin, self.rank, w, W, int(start["micro"]))
         upcoming: deque = deque([next(slots)])
-        got: Dict[int, list] = {}  # slot n -> prepared items so far
+        pending: Dict[int, Any] = {}  # global index -> raw sample (bytes) of this worker, not rendered yet
         cursors: Dict[int, dict] = {}  # block -> cursor, for blocks a later slot's step may start in
         filler = None
         b, s, j = int(cursor["b"]), int(cursor["s"]), int(cursor["j"])
@@ -355,21 +355,21 @@ class SampleStream(IterableDataset):
                 for slot in upcoming:
                     for i in range(max(slot.start, base), min(slot.stop, end)):
                         need[perm[i - base]] = i
-                mine: Dict[int, Any] = {}
                 for offset, (s, j, raw) in enumerate(itertools.islice(raw_stream, K)):
                     if offset in need:
-                        mine[need[offset]] = raw
-                for i in sorted(mine):  # global order
-                    slot = next(x for x in upcoming if x.start <= i < x.stop)
-                    prepared = self._prepare_counted(mine[i], skips, stats)
-                    if prepared is not None:
-                        got.setdefault(slot.n, []).append(prepared)
-                        if filler is None:
-                            filler = _as_filler(prepared)
-                del mine
+                        pending[need[offset]] = raw
                 while upcoming and upcoming[0].stop <= end:  # complete micro-batches, in order
                     slot = upcoming.popleft()
-                    items = [(key, parts, None, record) for key, parts, record in got.pop(slot.n, [])]
+                    # Rendered only now, one micro-batch at a time: a block holds raw bytes, never the
+                    # pixel tensors of shuffle_buffer samples.
+                    prepared = []
+                    for i in sorted(x for x in pending if slot.start <= x < slot.stop):  # global order
+                        item = self._prepare_counted(pending.pop(i), skips, stats)
+                        if item is not None:
+                            prepared.append(item)
+                            if filler is None:
+                                filler = _as_filler(item)
+                    items = [(key, parts, None, record) for key, parts, record in prepared]
                     if not items:
                         if filler is None:
                             filler = self._find_filler(cursors[slot.step_start // K])
