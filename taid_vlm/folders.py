@@ -75,13 +75,14 @@ def staged_folder(dest: Path, overwrite: bool = False, protect: tuple = ()) -> I
         yield stage
         apply_umask(stage)
         check_destination(dest, overwrite, protect)  # again: something may have appeared meanwhile
-        _move_into_place(stage, dest)
+        move_into_place(stage, dest)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
-def _move_into_place(stage: Path, dest: Path) -> None:
+def move_into_place(stage: Path, dest: Path) -> None:
+    """Rename the finished folder `stage` to `dest`; an existing `dest` is swapped out, then removed."""
     if dest.is_dir() and not any(dest.iterdir()):
         dest.rmdir()
     if not dest.exists():

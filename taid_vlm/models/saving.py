@@ -4,14 +4,12 @@ needs the builder: the models call ``save_model`` and the builder builds the mod
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
-from taid_vlm.folders import apply_umask
+from taid_vlm.folders import apply_umask, move_into_place
 
 CONFIG_FILE = "taid_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -25,7 +23,7 @@ def save_model(model, directory: Union[str, Path], state_dict: Optional[dict] = 
     try:
         write_model_files(model, tmp, state_dict)
         apply_umask(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600 files
-        _swap_into_place(tmp, directory)
+        move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -37,13 +35,3 @@ def write_model_files(model, directory: Path, state_dict: Optional[dict] = None)
     model.write_weights(Path(directory), state_dict)
     payload = {"format_version": FORMAT_VERSION, "model": model.export_config()}
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def _swap_into_place(tmp: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
