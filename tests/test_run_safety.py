@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import env, records, run, step_losses, train_cmd
+from tests.train_helpers import SUBPROCESS_TIMEOUT_S as TIMEOUT, env, records, run, step_losses, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
-TIMEOUT = 900
 
 
 @pytest.fixture(scope="module")
