@@ -20,7 +20,6 @@ from tests.train_helpers import SUBPROCESS_TIMEOUT_S as TIMEOUT, env, records, r
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-
 @pytest.fixture(scope="module")
 def shapes_text(tmp_path_factory) -> Path:
     from data_tools.synth_shapes import synth
