@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench lock clean
+.PHONY: setup test test-e2e demo bench lock clean
 
 # Quick no-op when neither the lock file nor the package metadata changed.
 setup: $(STAMP)
@@ -16,8 +16,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# The unit tier: every module, the losses against float64 references, in-process trainer steps,
+# checkpoint and signal safety (~3-4 min on 2 quiet cores).
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
+# The end-to-end tier (marked `slow`): real `taid-vlm` / `deepspeed` launches in subprocesses,
+# multi-process ZeRO runs, every shipped recipe, the docs' commands (~40 min on 2 cores). CI runs both.
+test-e2e: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
 
 # Synthetic shards -> teacher VLM (CE) -> TAID and SFT students -> runs/demo/report.md (about 5-10 min on 2 CPU cores).
 demo: setup

@@ -318,7 +318,7 @@ class Rule:
 
 TINY = r"configs/tiny_(vlm|text)\.yaml"
 RULES = [
-    Rule(r"make (demo|test)", make_dry_run),
+    Rule(r"make (demo|test|test-e2e)", make_dry_run),
     Rule(rf"taid-vlm train {TINY}( .*)?", run_train),
     Rule(r"deepspeed --num_gpus 8 --module taid_vlm\.train configs/\S+\.yaml( .*)?", load_train_config),
     Rule(rf"deepspeed --num_gpus 2 --master_port \d+ --module taid_vlm\.train {TINY}( .*)?", run_deepspeed_tiny,
