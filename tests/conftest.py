@@ -21,3 +21,13 @@ def tiny_tokenizer():
     from taid_vlm.tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shapes_text(tmp_path_factory):
+    """240 text-only synthetic conversations (15 % held out), shared read-only by the end-to-end runs."""
+    from taid_vlm.data.synthetic import synth
+
+    out = tmp_path_factory.mktemp("shapes_text")
+    synth(out, 240, seed=0, val_fraction=0.15, text_only=True)
+    return out

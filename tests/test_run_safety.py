@@ -20,15 +20,6 @@ from tests.train_helpers import SUBPROCESS_TIMEOUT_S as TIMEOUT, env, records, r
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-@pytest.fixture(scope="module")
-def shapes_text(tmp_path_factory) -> Path:
-    from data_tools.synth_shapes import synth
-
-    out = tmp_path_factory.mktemp("shapes_text")
-    synth(out, 240, seed=0, val_fraction=0.15, text_only=True)
-    return out
-
-
 def data(root: Path) -> list[str]:
     return [f"data.train={root}/train", f"data.val={root}/val", "data.synthetic=null", "train.eval_batches=1"]
 

@@ -26,15 +26,6 @@ def shapes(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def shapes_text(tmp_path_factory) -> Path:
-    from data_tools.synth_shapes import synth
-
-    out = tmp_path_factory.mktemp("shapes_text")
-    synth(out, 240, seed=0, val_fraction=0.15, text_only=True)
-    return out
-
-
 def data_overrides(root: Path) -> list[str]:
     return [f"data.train={root}/train", f"data.val={root}/val", "data.synthetic=null"]
 

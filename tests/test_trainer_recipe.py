@@ -18,7 +18,7 @@ from tests.train_helpers import CONFIGS
 
 
 @pytest.fixture(scope="module")
-def shapes_text(tmp_path_factory):
+def small_text(tmp_path_factory):
     from taid_vlm.data.synthetic import synth
 
     out = tmp_path_factory.mktemp("shapes_text")
@@ -45,8 +45,8 @@ def config(data, out, *overrides):
 
 
 @pytest.mark.slow
-def test_recipe_steps_save_and_resume_in_process(shapes_text, tmp_path, one_process_group):
-    run = Trainer(config(shapes_text, tmp_path / "run")).setup().resume()
+def test_recipe_steps_save_and_resume_in_process(small_text, tmp_path, one_process_group):
+    run = Trainer(config(small_text, tmp_path / "run")).setup().resume()
     assert run.step == 0 and run.train_teacher is run.teacher is not None
     before = run.evaluate()
     assert before["eval_kl"] > 0 and before["eval_tokens"] > 0
@@ -59,7 +59,7 @@ def test_recipe_steps_save_and_resume_in_process(shapes_text, tmp_path, one_proc
     state_at_2 = run.loss_fn.schedule_state()
     third = run.train_step()
 
-    again = Trainer(config(shapes_text, tmp_path / "run", "train.resume=true")).setup().resume()
+    again = Trainer(config(small_text, tmp_path / "run", "train.resume=true")).setup().resume()
     assert again.step == 2 and again.loss_fn.schedule_state() == state_at_2
     resumed = again.train_step()
     # same parameters, optimizer state, data position and t: the same third step
@@ -69,14 +69,14 @@ def test_recipe_steps_save_and_resume_in_process(shapes_text, tmp_path, one_proc
 
 
 @pytest.mark.slow
-def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(shapes_text, tmp_path, one_process_group):
+def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(small_text, tmp_path, one_process_group):
     sft = ["loss.name=ce", "loss.params={}"]
-    with_teacher = Trainer(config(shapes_text, tmp_path / "a", *sft)).setup().resume()
+    with_teacher = Trainer(config(small_text, tmp_path / "a", *sft)).setup().resume()
     assert with_teacher.teacher is not None and with_teacher.train_teacher is None
     ev = with_teacher.evaluate()
     assert ev["eval_kl"] > 0 and 0.0 <= ev["eval_top1_agreement"] <= 1.0 and "eval_teacher_ce" in ev
 
-    alone = Trainer(config(shapes_text, tmp_path / "b", *sft, "teacher.model=null")).setup().resume()
+    alone = Trainer(config(small_text, tmp_path / "b", *sft, "teacher.model=null")).setup().resume()
     assert alone.teacher is None
     ev_alone = alone.evaluate()
     assert "eval_kl" not in ev_alone
