@@ -6,35 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-from tests.train_helpers import SUBPROCESS_TIMEOUT_S, env
+from tests.train_helpers import SUBPROCESS_TIMEOUT_S, env, one_engine_script
 
-SCRIPT = textwrap.dedent(
+SCRIPT = one_engine_script(
     """
-    import json, os, signal, sys
-    import torch, deepspeed
-    from taid_vlm.train import checkpoint as ckpt
-    from taid_vlm.train.launch_env import init_distributed
-
-    root, mode = sys.argv[1], sys.argv[2]
-    rank, world, device = init_distributed()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
-
-    def train_step():
-        loss = engine(torch.ones(1, 4)).pow(2).sum()
-        engine.backward(loss)
-        engine.step()
-
-    def weights():
-        return [float(p.detach().double().sum()) for p in engine.module.parameters()]
-
     if mode == "write":
         out = {}
         for step in (5, 10):
@@ -55,8 +33,8 @@ SCRIPT = textwrap.dedent(
         ckpt.save_checkpoint(engine, root, 20, {"step": 20}, {"rank": rank}, rank, keep_last=2)
         print(json.dumps({"tag": found.name, "client_step": client["step"], "weights": before,
                           "rank_state": ckpt.load_rank_state(found, rank)}), flush=True)
-    """
-)
+    """,
+    arg_name="mode", features=4, zero_stage=2)
 
 
 def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path):

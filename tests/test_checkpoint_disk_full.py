@@ -10,36 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import uuid
 
 import pytest
 
-from tests.train_helpers import env
+from tests.train_helpers import env, one_engine_script
 
-SCRIPT = textwrap.dedent(
+SCRIPT = one_engine_script(
     """
-    import errno, json, os, shutil, sys
-    import torch, deepspeed
-    from taid_vlm.train import checkpoint as ckpt
-    from taid_vlm.train.launch_env import init_distributed
-
-    root, fault = sys.argv[1], sys.argv[2]
-    rank, world, device = init_distributed()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
-
-    def train_step():
-        loss = engine(torch.ones(1, 64)).pow(2).sum()
-        engine.backward(loss)
-        engine.step()
-
-    def weights():
-        return [float(p.detach().double().sum()) for p in engine.module.parameters()]
-
     train_step()
     ckpt.save_checkpoint(engine, root, 5, {"step": 5}, {"rank": rank}, rank, keep_last=2, run_config={"seed": 0})
     saved = weights()
@@ -82,8 +60,8 @@ SCRIPT = textwrap.dedent(
                       "tmp": sorted(p.name for p in ckpt.Path(root).glob(".tmp-*")),
                       "steps": sorted(p.name for p in ckpt.Path(root).glob("step*")),
                       "latest": (ckpt.Path(root) / "latest").read_text().strip()}), flush=True)
-    """
-)
+    """,
+    arg_name="fault", features=64, zero_stage=0)
 
 
 def _run(root, fault: str) -> dict:

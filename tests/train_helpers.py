@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from taid_vlm.train.launch_env import free_port
@@ -50,3 +51,31 @@ def step_losses(out: Path) -> dict[int, float]:
 
 def evals(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(out) if "eval_kl" in r or "eval_student_ce" in r}
+
+
+def one_engine_script(body: str, arg_name: str, features: int, zero_stage: int) -> str:
+    """Source of a subprocess script: one real DeepSpeed engine over Linear(features, features) with
+    `train_step()` and `weights()`, `root` and `<arg_name>` from argv, then `body` (the checkpoint tests)."""
+    prologue = f"""
+import errno, json, os, shutil, signal, sys
+import torch, deepspeed
+from taid_vlm.train import checkpoint as ckpt
+from taid_vlm.train.launch_env import init_distributed
+
+root, {arg_name} = sys.argv[1], sys.argv[2]
+rank, world, device = init_distributed()
+torch.manual_seed(0)
+model = torch.nn.Linear({features}, {features})
+opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={{
+    "train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": {zero_stage}}}}})
+
+def train_step():
+    loss = engine(torch.ones(1, {features})).pow(2).sum()
+    engine.backward(loss)
+    engine.step()
+
+def weights():
+    return [float(p.detach().double().sum()) for p in engine.module.parameters()]
+"""
+    return prologue + textwrap.dedent(body)
