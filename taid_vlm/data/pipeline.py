@@ -363,7 +363,9 @@ class SampleStream(IterableDataset):
                     # Rendered only now, one micro-batch at a time: a block holds raw bytes, never the
                     # pixel tensors of shuffle_buffer samples.
                     prepared = []
-                    for i in sorted(x for x in pending if slot.start <= x < slot.stop):  # global order
+                    for i in range(slot.start, slot.stop):  # global order; O(micro-batch), not O(block)
+                        if i not in pending:
+                            continue
                         item = self._prepare_counted(pending.pop(i), skips, stats)
                         if item is not None:
                             prepared.append(item)
