@@ -79,14 +79,14 @@ else
     DEVICE=(--device cuda --dtype bfloat16)
     SIZES=16384x1536x1536,16384x3584x3584
     VOCAB=()
-    TRAIN=(--gpu --steps 10 --warmup 3 --trainer-timeout 180)
-    LOSS_LIMIT=165; TRAIN_LIMIT=185; CHUNKS=auto,2048
+    TRAIN=(--gpu --steps 10 --warmup 3 --trainer-timeout 145)
+    LOSS_LIMIT=150; TRAIN_LIMIT=160; CHUNKS=auto,2048
 fi
 
 MATMUL=()
 if [ "$SMOKE" != 1 ]; then
     start=$(date +%s)
-    TFLOPS=$(timeout 60 $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from loss_bench import measure_matmul_tflops as m; print(f'{m(\"cuda\"):.1f}')" 2>>"$OUT/env.log")
+    TFLOPS=$(timeout 30 $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from loss_bench import measure_matmul_tflops as m; print(f'{m(\"cuda\"):.1f}')" 2>>"$OUT/env.log")
     echo "bf16 matmul 8192^3, mean of 10 after 3 warm-ups: ${TFLOPS:-FAILED} TFLOP/s" | tee -a "$OUT/env.log"
     if [ -n "${TFLOPS:-}" ]; then MATMUL=(--matmul-tflops "$TFLOPS"); log_part matmul 0 "$start"; else log_part matmul 1 "$start"; fi
 fi
