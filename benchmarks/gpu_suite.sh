@@ -74,13 +74,13 @@ if [ "$SMOKE" = 1 ]; then
     SIZES=64x32x32,64x48x48
     VOCAB=(--vocab 4096)
     TRAIN=(--gpu --smoke --steps 4 --warmup 1 --seq 256 --micro-batch 2 --trainer-timeout 240)
-    LOSS_LIMIT=300; TRAIN_LIMIT=300; CHUNKS=auto,16
+    LOSS_LIMIT=300; TRAIN_LIMIT=300; CHUNKS=auto,16; CHILD_LIMIT=240
 else
     DEVICE=(--device cuda --dtype bfloat16)
     SIZES=16384x1536x1536,16384x3584x3584
     VOCAB=()
     TRAIN=(--gpu --steps 10 --warmup 3 --trainer-timeout 145)
-    LOSS_LIMIT=150; TRAIN_LIMIT=160; CHUNKS=auto,2048
+    LOSS_LIMIT=150; TRAIN_LIMIT=160; CHUNKS=auto,2048; CHILD_LIMIT=45
 fi
 
 MATMUL=()
@@ -92,7 +92,7 @@ if [ "$SMOKE" != 1 ]; then
 fi
 
 part loss_bench "$LOSS_LIMIT" $PY benchmarks/loss_bench.py "${DEVICE[@]}" "${VOCAB[@]}" --sizes "$SIZES" \
-    --losses taid,fkl --chunk-sizes "$CHUNKS" --reps 5 "${MATMUL[@]}" --json "$OUT/loss_bench.json"
+    --losses taid,fkl --chunk-sizes "$CHUNKS" --reps 5 --child-timeout "$CHILD_LIMIT" "${MATMUL[@]}" --json "$OUT/loss_bench.json"
 part train_bench "$TRAIN_LIMIT" $PY benchmarks/train_bench.py "${TRAIN[@]}"
 { echo "torch extensions built (JIT) during the suite:"; ls -R "$TORCH_EXTENSIONS_DIR" 2>/dev/null || echo "  none"; } \
     | tee -a "$OUT/suite.log"

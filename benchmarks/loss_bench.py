@@ -150,13 +150,18 @@ def measure_matmul_tflops(device: str, size: int = 8192, reps: int = 10) -> floa
     return 2 * size**3 / seconds / 1e12
 
 
-def run_child(spec: dict):
-    """One (path, loss, size) in a fresh process; None (and the reason printed) if it fails."""
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)],
-                          capture_output=True, text=True, env=CHILD_ENV)
+def run_child(spec: dict, timeout_s=None):
+    """One (path, loss, size) in a fresh process; None (and the reason printed) if it fails or times out."""
+    what = f"  {spec['path']} {spec['loss_name']} N={spec['n']} H={spec['h_s']}"
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)],
+                              capture_output=True, text=True, env=CHILD_ENV, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"{what}: stopped after --child-timeout {timeout_s:.0f} s", flush=True)
+        return None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        print(f"  {spec['path']} {spec['loss_name']} N={spec['n']} H={spec['h_s']}: failed ({tail})", flush=True)
+        print(f"{what}: failed ({tail})", flush=True)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -182,6 +187,7 @@ def main():
     ap.add_argument("--matmul-tflops", type=float, help="bf16 matmul rate for the floor (GPU: measured if not given)")
     ap.add_argument("--chunk-sizes", default="auto",
                     help="fused path's token chunk sizes, comma-separated (auto: the library default); a row each")
+    ap.add_argument("--child-timeout", type=float, help="seconds one (path, loss, size) process may take")
     ap.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel's fused JSD out")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -210,16 +216,17 @@ def main():
     for size in args.sizes.split(","):
         n, h_s, h_t = (int(x) for x in size.split("x"))
         base = dict(n=n, h_s=h_s, h_t=h_t, vocab=args.vocab, device=args.device, dtype=args.dtype, reps=args.reps)
-        liger = None if liger_skip else run_child(dict(base, path="liger", loss_name="fkl"))
+        child = lambda **spec: run_child(dict(base, **spec), args.child_timeout)  # noqa: E731
+        liger = None if liger_skip else child(path="liger", loss_name="fkl")
         for loss_name in args.losses.split(","):
-            full = run_child(dict(base, path="full", loss_name=loss_name))
+            full = child(path="full", loss_name=loss_name)
             for chunk in args.chunk_sizes.split(","):
                 chunk_size = None if chunk == "auto" else int(chunk)
-                fused = run_child(dict(base, path="fused", loss_name=loss_name, chunk_size=chunk_size))
+                fused = child(path="fused", loss_name=loss_name, chunk_size=chunk_size)
                 rows.append(table_row(loss_name, chunk, base, full, fused, liger, tflops))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+                if args.json:  # after every row: a run stopped part-way keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=1)
 
 
 def table_row(loss_name, chunk, base, full, fused, liger, tflops) -> dict:
