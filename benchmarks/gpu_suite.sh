@@ -79,8 +79,8 @@ else
     DEVICE=(--device cuda --dtype bfloat16)
     SIZES=16384x1536x1536,16384x3584x3584
     VOCAB=()
-    TRAIN=(--gpu --steps 10 --warmup 3 --trainer-timeout 145)
-    LOSS_LIMIT=150; TRAIN_LIMIT=160; CHUNKS=auto,2048; CHILD_LIMIT=45
+    TRAIN=(--gpu --steps 10 --warmup 3 --trainer-timeout ${TRAINER_TIMEOUT:-145})
+    LOSS_LIMIT=${LOSS_LIMIT:-150}; TRAIN_LIMIT=${TRAIN_LIMIT:-160}; CHUNKS=${CHUNKS:-auto,2048}; CHILD_LIMIT=45
 fi
 
 MATMUL=()

@@ -30,15 +30,19 @@ from .inputs import check_mask_and_labels
 from .teacher_source import TeacherSource, matmul_into as _matmul_into, topk_log_probs_into  # noqa: F401 (re-export)
 
 TARGET_CHUNK_ELEMENTS = 1 << 25  # 128 MB per float32 [C, V] buffer: C = 216 at V = 152k
+# On a GPU a chunk of 216 rows leaves the tensor cores idle between small matmuls (measured on an H200:
+# 1.3x slower than 2048 rows at N = 16,384): 1 GiB per [C, V] buffer there, C = 1760 at V = 152k.
+TARGET_CHUNK_ELEMENTS_GPU = 1 << 28
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """C with C * V ~ TARGET_CHUNK_ELEMENTS, a multiple of 8 (at least 8), at most num_tokens.
+def default_chunk_size(num_tokens: int, vocab_size: int, on_gpu: bool = False) -> int:
+    """C with C * V ~ TARGET_CHUNK_ELEMENTS (_GPU), a multiple of 8 (at least 8), at most num_tokens.
 
     Each chunk reads the [V, H] weights and read-writes the [V, H] weight gradient once, so small
     chunks are bound by memory traffic; benchmarks/loss_bench.py has the measured trade-off.
     """
-    rows = max(TARGET_CHUNK_ELEMENTS // max(vocab_size, 1) // 8 * 8, 8)
+    target = TARGET_CHUNK_ELEMENTS_GPU if on_gpu else TARGET_CHUNK_ELEMENTS
+    rows = max(target // max(vocab_size, 1) // 8 * 8, 8)
     return max(1, min(rows, num_tokens))
 
 
@@ -93,7 +97,10 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             if need_h:
                 torch.mm(d_logits, w_s, out=grad_h[start:end])
             if need_w:
-                grad_w.addmm_(d_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+                if d_logits.dtype == grad_w.dtype:
+                    grad_w.addmm_(d_logits.T, h_chunk.to(grad_w.dtype))
+                else:  # bf16/fp16 weights: the chunk's matmul at the tensor-core rate, the sum over chunks in fp32
+                    grad_w.add_(torch.mm(d_logits.T, h_chunk.to(d_logits.dtype)))
             del d_logits, chunk_loss, s_logits, teacher_chunk
         del s_buf, t_buf, scratch
 
@@ -158,7 +165,7 @@ def chunked_lm_head_loss(
     with torch.no_grad():
         teacher = teacher.select(mask) if teacher is not None else None
     y = labels[mask] if labels is not None else None
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v, on_gpu=h_s.is_cuda)
     params = list(loss_fn.parameters())
     denom = float(denominator) if denominator is not None else float(k)
     return _ChunkedLMHeadLoss.apply(h_s, student_weight, teacher, y, loss_fn, chunk, denom, len(params), *params)

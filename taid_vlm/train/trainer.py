@@ -16,6 +16,8 @@ own in a test process.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import time
@@ -88,7 +90,11 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        self.teacher_model, self.student_model = build_models(cfg)
+        # On a GPU, models are built there (a 7B model's random init on the CPU took minutes); a ZeRO-3
+        # sharded teacher is built on the CPU and partitioned by DeepSpeed.
+        on_device = self.device.type == "cuda" and cfg.teacher.placement == "replicated"
+        with torch.device(self.device) if on_device else contextlib.nullcontext():
+            self.teacher_model, self.student_model = build_models(cfg)
         self.cache = open_teacher_cache(cfg, self.student_model)
         self.vocab_size = len(self.student_model.tokenizer)  # rows compared with the teacher
         self.loss_fn = build_loss_fn(cfg)
