@@ -28,7 +28,8 @@ from taid_vlm.spec import InputSpec
 from .base import DistillableModel, check_image_count, distributed_world
 from .config_checks import check_keys
 from .hf_families import FAMILIES, family
-from .hf_image_processing import HFImageTransform, ProcessorImageInputs, build_image_processor, processor_dict
+from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
+from .hf_qwen_image_inputs import image_inputs_for
 from .language_model import check_language_model, enable_checkpointing
 from .tokenizer_loading import image_token_id as lookup_image_token_id
 from .tokenizer_loading import load_tokenizer
@@ -60,7 +61,7 @@ class HFVisionLanguageModel(DistillableModel):
             spec = InputSpec(tokenizer=tokenizer, image_token=image_token,
                              image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
                              chat_template=getattr(processor, "chat_template", None),
-                             image_processor=ProcessorImageInputs(processor, fam.image_prompt, fam.batched_keys))
+                             image_processor=image_inputs_for(processor, fam.image_prompt, fam.batched_keys))
         super().__init__(tokenizer, spec, config)
         self.family = fam
         self.hf = hf_model
