@@ -177,7 +177,7 @@ def held_out_ce_of_export(export, shards, vocab_size: int) -> tuple:
             keep = targets != -100
             total += float(-logq[keep].gather(-1, targets[keep, None]).sum())
             count += int(keep.sum())
-    assert skips.total() == 0, skips.as_dict()
+    assert skips.total == 0, skips.as_dict()
     return total, count, hf, processor
 
 

@@ -5,8 +5,9 @@ final hidden states. Two kinds:
 
 - ``llava``: a fixed-size tower; the spec is an image transform + ``tokens_per_image``;
 - the dynamic-resolution families of ``hf_families.FAMILIES`` (Qwen2/2.5/3-VL, InternVL,
-  LLaVA-NeXT/OneVision, Idefics3/SmolVLM, Gemma 3): the spec carries the family's own HF processor
-  (``ProcessorImageInputs``), which decides per image the token span and pixel inputs; ``pixel_values``
+  LLaVA-NeXT/OneVision, Idefics3/SmolVLM, Gemma 3, Mistral 3): the spec carries the family's own HF
+  processor (``ProcessorImageInputs``; for Qwen its exact fast path ``QwenImageInputs``), which decides
+  per image the token span and pixel inputs; ``pixel_values``
   then arrives as the dict of those inputs (pixel_values, image_grid_thw, image_sizes, ...).
 
 The stock HF model object is ``self.hf`` (save it with ``self.hf.save_pretrained``), its processor
