@@ -100,6 +100,9 @@ class CpuClock:
 
 def qwen_stages(path: str, fast: bool) -> dict:
     """One pass over the shard: CPU ms per sample of each stage, and wall samples/s."""
+    import torch
+
+    torch.set_num_threads(1)
     spec = qwen_spec(fast)
     images = CpuClock(spec.image_processor)
     r = Renderer(replace(spec, image_processor=images), 8192)
@@ -116,11 +119,71 @@ def qwen_stages(path: str, fast: bool) -> dict:
     return {**{k: 1e3 * v / n for k, v in ms.items()}, "rate": n / wall}
 
 
+def lap_ms(chain, reps: int = 25, warmup: int = 10) -> list:
+    """Median process CPU ms of each step of ``chain`` (a list of functions, each taking the previous result),
+    the steps run one after the other as in the real call, then the whole chain again."""
+    laps = []
+    for _ in range(warmup + reps):
+        value, t0, times = None, time.process_time(), []
+        for step in chain:
+            value = step(value)
+            times.append(time.process_time() - t0)
+            t0 = time.process_time()
+        laps.append(times)
+        value = None  # nothing big survives into the next round (it would change what the allocator reuses)
+    return [1e3 * statistics.median(lap[k] for lap in laps[warmup:]) for k in range(len(chain))]
+
+
+def in_fresh_process(fn, *args):
+    """Run ``fn(*args)`` in a new single-threaded process: each path's timing starts from a clean allocator
+    (a pass of one path leaves glibc's mmap/trim thresholds where they slow the other's big tensors)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def image_step_laps(path: str, fast: bool) -> list:
+    """CPU ms of each step inside "image inputs" for one decoded photo (processor: its own methods in its
+    order; fast path: its steps), and the whole call last."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    inputs = qwen_spec(fast).image_processor
+    ip = inputs.processor.image_processor
+    image = decode_sample(next(read_shard(path, SkipCounter()))).images[0]
+    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    if fast:
+        return lap_ms([lambda _: torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0),
+                       lambda x: ip.resize(x, size=ip.size, resample=ip.resample, factor=p * m),
+                       lambda x: x,  # normalised inside patchify
+                       lambda x: inputs.patchify(x)]) + lap_ms([lambda _: inputs([image])])
+    return lap_ms([lambda _: ip.process_image(image, do_convert_rgb=True),
+                   lambda chw: ip.resize(chw[None], size=ip.size, resample=ip.resample, factor=p * m),
+                   lambda x: ip.rescale_and_normalize(x, True, ip.rescale_factor, True, ip.image_mean, ip.image_std),
+                   lambda x: ip.patchify(x, p, m, t)]) + lap_ms([lambda _: inputs([image])])
+
+
+def qwen_image_breakdown(path: str) -> None:
+    """Inside "image inputs": the processor's steps vs the fast path's; "the rest" = whole call - steps."""
+    theirs, ours = (in_fresh_process(image_step_laps, path, fast) for fast in (False, True))
+    names = ["PIL -> uint8 tensor", "resize (bicubic, antialias)", "rescale + normalise",
+             "patchify (x2 temporal); fast path: + normalise", "the rest (prompt expansion + tokenizing, checks)"]
+    print("\n| step (one 1024x768 photo; CPU ms, median of 25) | processor | fast path |")
+    print("|---|---:|---:|")
+    for k, name in enumerate(names[:4]):
+        print(f"| {name} | {theirs[k]:.1f} | {'-' if k == 2 else f'{ours[k]:.1f}'} |")
+    print(f"| {names[4]} | {theirs[4] - sum(theirs[:4]):.1f} | {ours[4] - sum(ours[:4]):.1f} |")
+    print(f"| image inputs, whole call | {theirs[4]:.1f} | {ours[4]:.1f} |")
+
+
 def qwen_table(path: str, rounds: int) -> None:
     runs = {"processor (reference)": [], "fast path": []}
     for _ in range(rounds):  # alternated: both paths see the same machine load
         for name in runs:
-            runs[name].append(qwen_stages(path, fast=name == "fast path"))
+            runs[name].append(in_fresh_process(qwen_stages, path, name == "fast path"))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU ms per sample (median of "
           f"{rounds} rounds); samples/s per worker = wall clock")
     print("| image inputs | tar read | JPEG + JSON decode | image inputs | chat template + spans | total CPU ms | "
@@ -171,6 +234,7 @@ def main() -> int:
             print(f"1024x768 JPEG {os.path.getsize(path) / a.n / 1024:.0f} KiB, Qwen2.5-VL grid {grid}, "
                   f"{len(r)} tokens per sample")
             qwen_table(path, a.rounds)
+            qwen_image_breakdown(path)
         return 0
     tok = build_tiny_tokenizer()
     print(f"| image px | jpeg KiB | samples/s per worker (decode + transform + tokenize) |")

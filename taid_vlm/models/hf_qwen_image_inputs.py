@@ -11,9 +11,10 @@ arithmetic but the way to it (profiled in benchmarks/data_bench.py --qwen):
 - the ~1,000-token prompt the processor wrote itself is tokenized again.
 
 This path calls the processor's own ``resize`` (the same torchvision kernel) on a channels-last view of
-the pixels, patchifies the uint8 image (whole patch rows, read as wider integers), then converts and normalises
-with the same float32 operations in the same order (``x - 255 * mean``, then ``/ (255 * std)``, as
-the processor fuses rescale and normalise) and duplicates the temporal patch in one copy; the span is
+the pixels, patchifies the uint8 image (whole patch rows, read as wider integers), then normalises with
+the same float32 operations in the same order (``x - 255 * mean``, then ``/ (255 * std)``, as the
+processor fuses rescale and normalise), the subtraction fused with the uint8 -> float32 transposing copy
+and the division with the copy that duplicates the temporal patch; the span is
 the prompt's prefix ids + one image token per merged patch + its suffix ids. The result is equal
 element for element (tests/test_hf_qwen_image_inputs.py). Anything it does not reproduce exactly
 (another processor class or backend, a setting switched off, an image that is not PIL RGB) goes to
@@ -101,11 +102,12 @@ class QwenImageInputs(ProcessorImageInputs):
         word = next(k for k in (8, 4, 2, 1) if (p * c) % k == 0 and (w * c) % k == 0)
         wide = hwc.view(h, w * c).view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[word])
         rows = wide.view(gh // m, m, p, gw // m, m, p * c // word).permute(0, 3, 1, 4, 2, 5).contiguous()
-        pixels = rows.view(torch.uint8).view(gh * gw, p * p, c)
-        values = torch.empty(gh * gw, c, p * p).copy_(pixels.transpose(1, 2))  # channels first, as float32
-        values.sub_(self.mean).div_(self.std)
-        out = values.unsqueeze(2).expand(-1, -1, t, -1).reshape(gh * gw, c * t * p * p)
-        return out, gh, gw
+        pixels = rows.view(torch.uint8).view(gh * gw, p * p, c).transpose(1, 2)  # channels first
+        # float32(x) - mean, then / std: the processor's operations, each fused with a copy that is needed anyway
+        centred = torch.sub(pixels, self.mean, out=torch.empty(gh * gw, c, p * p))
+        out = torch.empty(gh * gw, c, t, p * p)
+        torch.div(centred.unsqueeze(2).expand(-1, -1, t, -1), self.std.unsqueeze(-1), out=out)
+        return out.view(gh * gw, c * t * p * p), gh, gw
 
 
 def image_inputs_for(processor, image_prompt: str, batched_keys=()) -> ProcessorImageInputs:
