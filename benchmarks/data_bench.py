@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,6 +152,7 @@ def image_step_laps(path: str, fast: bool) -> list:
     import torch
 
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # a read-only view
     inputs = qwen_spec(fast).image_processor
     ip = inputs.processor.image_processor
     image = decode_sample(next(read_shard(path, SkipCounter()))).images[0]
