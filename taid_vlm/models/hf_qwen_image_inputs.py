@@ -24,7 +24,7 @@ the processor.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def fast_path_refusal(processor) -> Optional[str]:
         return f"image processor {type(ip).__name__} (backend {getattr(ip, 'backend', None)!r})"
     if not (ip.do_resize and ip.do_rescale and ip.do_normalize):
         return "do_resize, do_rescale and do_normalize must all be on"
-    if not (ip.size.shortest_edge and ip.size.longest_edge):
+    if not (getattr(ip.size, "shortest_edge", None) and getattr(ip.size, "longest_edge", None)):
         return f"size {ip.size} lacks shortest_edge/longest_edge"
     return None
 
@@ -62,6 +62,9 @@ class QwenImageInputs(ProcessorImageInputs):
         whole = tok(self.prompt, add_special_tokens=False)["input_ids"]
         if whole != self.prefix + [self.image_id] + self.suffix:
             raise ValueError(f"{self!r}: the image prompt does not tokenize around its image token")
+
+    def __repr__(self) -> str:
+        return f"QwenImageInputs({type(self.processor).__name__}, {self.prompt!r})"
 
     def __call__(self, images):
         from PIL import Image
@@ -113,8 +116,11 @@ class QwenImageInputs(ProcessorImageInputs):
 def image_inputs_for(processor, image_prompt: str, batched_keys=()) -> ProcessorImageInputs:
     """The fast Qwen path where it reproduces ``processor`` exactly, else the processor itself."""
     if fast_path_refusal(processor) is None:
-        return QwenImageInputs(processor, image_prompt, batched_keys)
+        try:
+            return QwenImageInputs(processor, image_prompt, batched_keys)
+        except ValueError:  # a prompt whose tokens merge across the image token: the processor decides
+            pass
     return ProcessorImageInputs(processor, image_prompt, batched_keys)
 
 
-__all__: List[str] = ["QwenImageInputs", "fast_path_refusal", "image_inputs_for"]
+__all__ = ["QwenImageInputs", "fast_path_refusal", "image_inputs_for"]
