@@ -222,7 +222,8 @@ def test_two_process_zero3_qwen_teacher_internvl_student_loss_falls_and_exports_
     total, count, hf, processor = held_out_ce_of_export(export, shards, len(load_tokenizer(students)))
     assert type(hf).__name__ == "InternVLForConditionalGeneration"
     assert count == final["eval_tokens"], (count, final)
-    print(f"held-out CE: run {final['eval_student_ce']:.7f}, stock HF export {total / count:.7f} ({count} tokens)")
+    print(f"held-out CE: run {final['eval_student_ce']:.7f}, stock HF export {total / count:.7f} ({count} tokens, "
+          f"|diff| {abs(total / count - final['eval_student_ce']):.1e})")
     assert abs(total / count - final["eval_student_ce"]) <= 1e-5
     assert_generates(hf, processor, shards[0])
 
