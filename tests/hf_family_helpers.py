@@ -35,6 +35,8 @@ CONFIGS = {
     "smolvlm": dict(text_config=dict(TEXT, model_type="llama"), vision_config=_VIT, scale_factor=2),
     "gemma3": dict(text_config=dict(TEXT, head_dim=8, sliding_window=16), mm_tokens_per_image=4,
                    vision_config=dict(_VIT, vision_use_head=False)),  # as the real config
+    "mistral3": dict(text_config=dict(TEXT, model_type="mistral", head_dim=8), spatial_merge_size=2,
+                     vision_config=dict(_VIT, model_type="pixtral", head_dim=8, image_size=112)),
 }
 
 # image processor settings that keep the tiny tests small (the structure of the spans is unchanged)

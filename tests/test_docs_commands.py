@@ -285,6 +285,8 @@ def run_benchmark(cmd: Command, ws: Workspace) -> None:
         if not torch.cuda.is_available():
             return help_only(Command(cmd.where, [f"benchmarks/{script}"]), ws)
         tiny = ["--gpu", "--steps", "3", "--warmup", "1"]
+    if "--qwen" in cmd.argv:  # data_bench.py --qwen: the Qwen2.5-VL processor path and its fast path
+        tiny = ["--qwen", "--n", "4", "--rounds", "1"]
     ws.run([f"benchmarks/{script}", *tiny], cmd.env, cwd=ws.root)
 
 

@@ -9,6 +9,7 @@ import torch
 from taid_vlm.data import Renderer, Sample, collate
 from taid_vlm.models import build_model
 from taid_vlm.models.hf_families import FAMILIES
+from taid_vlm.models.hf_qwen_image_inputs import QwenImageInputs
 from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
 
 from hf_family_helpers import model_cfg, photo
@@ -77,6 +78,8 @@ def ours(model, conversations, images, max_length=4096):
 
 def test_rendering_equals_the_family_processor(family_model):
     name, model = family_model
+    if name.startswith("qwen"):  # the Qwen families render through the fast path: checked here against the processor
+        assert isinstance(model.input_spec.image_processor, QwenImageInputs), name
     for conv, imgs in zip(CONVERSATIONS, IMAGES):
         ref = reference(model, [conv], [imgs])
         (r,), _ = ours(model, [conv], [imgs])

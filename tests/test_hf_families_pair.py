@@ -139,17 +139,71 @@ def write_recipe(root, shards_dir, teacher_cfg, student_cfg, steps: int) -> str:
         "optim": {"lr": 5.0e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0},
         "deepspeed": {"zero_stage": 3, "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
         "train": {"total_steps": steps, "micro_batch_size": 2, "grad_accum": 1, "precision": "fp32", "log_every": 1,
-                  "eval_every": 0, "eval_batches": 2, "save_every": 0, "progress_bar": False, "tensorboard": False},
+                  "eval_every": 0, "eval_batches": 0, "save_every": 0, "progress_bar": False, "tensorboard": False},
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
 
 
+def held_out_ce_of_export(export, shards, vocab_size: int) -> tuple:
+    """Stock transformers only (AutoModelForImageTextToText + AutoProcessor from the exported folder): the
+    summed cross-entropy of the supervised tokens of every held-out sample, and their count. Which tokens
+    are supervised (the assistant turns) comes from our rendering by the exported folder's own processor,
+    whose ids must equal the stock processor's."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from taid_vlm.data import Renderer
+    from taid_vlm.data.pipeline import read_shard
+    from taid_vlm.data.samples import decode_sample
+    from taid_vlm.data.skips import SkipCounter
+
+    hf = AutoModelForImageTextToText.from_pretrained(str(export)).eval()
+    processor = AutoProcessor.from_pretrained(str(export))
+    renderer = Renderer(build_model({"type": "hf_vlm", "path": str(export)}).input_spec, 512)
+    total, count, skips = 0.0, 0, SkipCounter()
+    for shard in shards:
+        for raw in read_shard(shard, skips):
+            sample = decode_sample(raw)
+            messages = [{"role": m["role"], "content": m["content"].replace("<image>", processor.image_token)}
+                        for m in sample.messages]
+            enc = processor(text=processor.apply_chat_template(messages, tokenize=False), images=sample.images,
+                            return_tensors="pt")
+            rendered = renderer(sample)
+            assert enc["input_ids"][0].tolist() == rendered.input_ids, sample.key
+            targets = torch.tensor(rendered.labels[1:])
+            with torch.no_grad():
+                logq = torch.log_softmax(hf(**enc).logits[0, :-1, :vocab_size].float(), -1)
+            keep = targets != -100
+            total += float(-logq[keep].gather(-1, targets[keep, None]).sum())
+            count += int(keep.sum())
+    assert skips.total == 0, skips.as_dict()
+    return total, count, hf, processor
+
+
+def assert_generates(hf, processor, shard) -> None:
+    from taid_vlm.data.pipeline import read_shard
+    from taid_vlm.data.samples import decode_sample
+    from taid_vlm.data.skips import SkipCounter
+
+    sample = decode_sample(next(read_shard(shard, SkipCounter())))
+    prompt = [{"role": m["role"], "content": m["content"].replace("<image>", processor.image_token)}
+              for m in sample.messages[:1]]
+    enc = processor(text=processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                    images=sample.images, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**enc, max_new_tokens=4, do_sample=False)
+        first = int(hf(**enc).logits[0, -1].argmax())
+    n = enc["input_ids"].shape[1]
+    assert out.shape[1] > n and int(out[0, n]) == first
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_two_process_zero3_qwen_teacher_internvl_student_loss_falls(setup, tmp_path):
-    from train_helpers import BIN, run, step_losses
+def test_two_process_zero3_qwen_teacher_internvl_student_loss_falls_and_exports_to_stock_hf(setup, tmp_path):
+    """Issue 10: the 2-process ZeRO-3 run's loss falls; the student exported by `taid-vlm export` loads with
+    stock transformers, its held-out CE equals the run's final eval_student_ce (1e-5), and it generates."""
+    from train_helpers import BIN, evals, run, step_losses
     from taid_vlm.train.launch_env import free_port
 
     root, shards, teacher_cfg, students = setup
@@ -161,3 +215,20 @@ def test_two_process_zero3_qwen_teacher_internvl_student_loss_falls(setup, tmp_p
     assert sorted(losses) == list(range(1, 13))
     first, last = sum(losses[s] for s in range(1, 5)) / 4, sum(losses[s] for s in range(9, 13)) / 4
     assert last < 0.7 * first, losses
+
+    export = tmp_path / "export"
+    run([str(BIN / "taid-vlm"), "export", str(out), str(export)], timeout=1800)
+    final = evals(out)[12]  # the end-of-run eval over the whole held-out set, with the exported weights
+    total, count, hf, processor = held_out_ce_of_export(export, shards, len(load_tokenizer(students)))
+    assert type(hf).__name__ == "InternVLForConditionalGeneration"
+    assert count == final["eval_tokens"], (count, final)
+    print(f"held-out CE: run {final['eval_student_ce']:.7f}, stock HF export {total / count:.7f} ({count} tokens, "
+          f"|diff| {abs(total / count - final['eval_student_ce']):.1e})")
+    assert abs(total / count - final["eval_student_ce"]) <= 1e-5
+    assert_generates(hf, processor, shards[0])
+
+
+def load_tokenizer(students):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(students["internvl"]["tokenizer"]["path"])

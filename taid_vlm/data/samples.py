@@ -52,7 +52,7 @@ def decode_image(data: bytes):
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # force the full decode: a truncated/corrupt file raises here
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         raise SampleError(CORRUPT_IMAGE, f"{type(e).__name__}: {e}"[:160]) from None
 

@@ -121,6 +121,15 @@ def _gemma3(tok, cfg, overrides):
                                       "image_seq_length": cfg.mm_tokens_per_image, **pr_kw})
 
 
+def _mistral3(tok, cfg, overrides):
+    ip_kw, pr_kw = _split(overrides)
+    vc = cfg.vision_config
+    ip = _cls("PixtralImageProcessor")(**{"size": {"longest_edge": vc.image_size},
+                                          "patch_size": {"height": vc.patch_size, "width": vc.patch_size}, **ip_kw})
+    return _cls("PixtralProcessor")(**{"image_processor": ip, "tokenizer": tok, "patch_size": vc.patch_size,
+                                       "spatial_merge_size": cfg.spatial_merge_size, **pr_kw})
+
+
 _QWEN_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 _QWEN = dict(token_ids=_QWEN_TOKENS, type_ids="mm_token_type_ids", vision="visual",
@@ -142,6 +151,7 @@ FAMILIES: Dict[str, Family] = {
     "smolvlm": Family(_idefics3("SmolVLMProcessor", "SmolVLMImageProcessor", "SmolVLMVideoProcessor"), **_IDEFICS),
     "gemma3": Family(_gemma3, token_ids={"image_token_id": "<image_soft_token>", "boi_token_id": "<start_of_image>",
                                          "eoi_token_id": "<end_of_image>"}, type_ids="token_type_ids"),
+    "mistral3": Family(_mistral3, token_ids={"image_token_index": "[IMG]"}),
 }
 
 

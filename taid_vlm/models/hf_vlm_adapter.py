@@ -5,8 +5,9 @@ final hidden states. Two kinds:
 
 - ``llava``: a fixed-size tower; the spec is an image transform + ``tokens_per_image``;
 - the dynamic-resolution families of ``hf_families.FAMILIES`` (Qwen2/2.5/3-VL, InternVL,
-  LLaVA-NeXT/OneVision, Idefics3/SmolVLM, Gemma 3): the spec carries the family's own HF processor
-  (``ProcessorImageInputs``), which decides per image the token span and pixel inputs; ``pixel_values``
+  LLaVA-NeXT/OneVision, Idefics3/SmolVLM, Gemma 3, Mistral 3): the spec carries the family's own HF
+  processor (``ProcessorImageInputs``; for Qwen its exact fast path ``QwenImageInputs``), which decides
+  per image the token span and pixel inputs; ``pixel_values``
   then arrives as the dict of those inputs (pixel_values, image_grid_thw, image_sizes, ...).
 
 The stock HF model object is ``self.hf`` (save it with ``self.hf.save_pretrained``), its processor
@@ -28,7 +29,8 @@ from taid_vlm.spec import InputSpec
 from .base import DistillableModel, check_image_count, distributed_world
 from .config_checks import check_keys
 from .hf_families import FAMILIES, family
-from .hf_image_processing import HFImageTransform, ProcessorImageInputs, build_image_processor, processor_dict
+from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
+from .hf_qwen_image_inputs import image_inputs_for
 from .language_model import check_language_model, enable_checkpointing
 from .tokenizer_loading import image_token_id as lookup_image_token_id
 from .tokenizer_loading import load_tokenizer
@@ -60,7 +62,7 @@ class HFVisionLanguageModel(DistillableModel):
             spec = InputSpec(tokenizer=tokenizer, image_token=image_token,
                              image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
                              chat_template=getattr(processor, "chat_template", None),
-                             image_processor=ProcessorImageInputs(processor, fam.image_prompt, fam.batched_keys))
+                             image_processor=image_inputs_for(processor, fam.image_prompt, fam.batched_keys))
         super().__init__(tokenizer, spec, config)
         self.family = fam
         self.hf = hf_model

@@ -17,7 +17,8 @@ _INTERNVL = ["<img>", "</img>", "<IMG_CONTEXT>"]
 _IDEFICS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 _GEMMA = ["<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
-SPECIAL_TOKENS = _CHATML + _QWEN + _LLAVA + _INTERNVL + _IDEFICS + _GEMMA
+_MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+SPECIAL_TOKENS = _CHATML + _QWEN + _LLAVA + _INTERNVL + _IDEFICS + _GEMMA + _MISTRAL
 
 
 def _content(image: str) -> str:
@@ -40,6 +41,9 @@ _GEMMA_TEMPLATE = (
     "{{ '<bos>' }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
     "else message['role'] %}{{ '<start_of_turn>' + role + '\n' }}" + _content("<start_of_image>")
     + "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+_MISTRAL_TEMPLATE = (
+    "{{ '<s>' }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}" + _content("[IMG]")
+    + "{{ '[/INST]' }}{% else %}" + _content("[IMG]") + "{{ '</s>' }}{% endif %}{% endfor %}")
 
 _QWEN_ATTRS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
@@ -59,6 +63,8 @@ FAMILY_TOKENIZERS: Dict[str, tuple] = {
     "smolvlm": (_IDEFICS_ATTRS, "<end_of_utterance>", _IDEFICS_TEMPLATE),
     "gemma3": ({"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
                "<end_of_turn>", _GEMMA_TEMPLATE),
+    "mistral3": ({"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
+                 "</s>", _MISTRAL_TEMPLATE),
 }
 
 
