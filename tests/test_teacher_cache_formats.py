@@ -1,0 +1,157 @@
+"""The cache formats beyond the uniform-tail top-k: the student-shaped tail (chunked path == its dense
+formula) and the hidden-state cache (records round-trip; writer -> reader -> loss is the online loss
+bit for bit when stored in the teacher's dtype), and an old top-k cache (no ``kind`` / ``tail`` in its
+manifest) still loads."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from taid_vlm.losses import build_loss
+from taid_vlm.losses.teacher_source import CachedTopKTeacher
+from taid_vlm.teacher_cache import TeacherCache
+from taid_vlm.teacher_cache import format as fmt
+from taid_vlm.teacher_cache.source import cached_teacher
+from taid_vlm.teacher_cache.writer import write_cache
+from taid_vlm.train.objective import hidden_at
+from taid_vlm.train.trainer import build_role_model
+from test_teacher_cache_data import MAX_LEN, make_shards, run_config
+from test_teacher_cache_loss import topk_of
+
+from tests.loss_reference import N, V
+from tests.loss_reference import lm_head_inputs as inputs
+
+
+def student_tail_dense(zs, topk):
+    """The student-shaped tail written out: top-k log-probs; elsewhere log_tail + log(q_v / q(tail))."""
+    ids, lps, log_tail = topk["ids"].long(), topk["logprobs"].double(), topk["log_tail"].double()
+    q = torch.softmax(zs.double(), -1)
+    in_top = torch.zeros_like(q, dtype=torch.bool).scatter_(1, ids, True)
+    q_tail = torch.where(in_top, 0.0, q).sum(-1, keepdim=True)
+    out = log_tail[:, None] + torch.log(q) - torch.log(q_tail)
+    return out.scatter(1, ids, lps)
+
+
+@pytest.mark.parametrize("name", ["taid", "fkl", "rkl", "akl", "tvd"])
+def test_student_tail_chunked_equals_its_dense_formula(name):
+    hs, ws, ht, wt, mask, labels = inputs(seed=11)
+    topk = topk_of(ht @ wt.T, 5)
+    loss = build_loss(name).double()
+    dense = student_tail_dense((hs @ ws.T).detach(), topk)
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(N, dtype=torch.float64), rtol=1e-12, atol=0)
+    plain = loss(hs @ ws.T, dense, mask)
+    g_plain = torch.autograd.grad(plain, [hs, ws])
+    source = CachedTopKTeacher(topk["ids"], topk["logprobs"], topk["log_tail"], tail="student")
+    cached = loss.fused(hs, ws, mask=mask, chunk_size=3, teacher=source)
+    torch.testing.assert_close(cached, plain, rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(cached, [hs, ws]), g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_student_tail_at_k_equals_vocab_is_the_online_loss():
+    hs, ws, ht, wt, mask, labels = inputs(seed=12)
+    loss = build_loss("rkl").double()
+    online = loss.fused(hs, ws, ht, wt, mask, chunk_size=4)
+    topk = topk_of(ht @ wt.T, V)
+    source = CachedTopKTeacher(topk["ids"], topk["logprobs"], topk["log_tail"], tail="student")
+    torch.testing.assert_close(loss.fused(hs, ws, mask=mask, chunk_size=4, teacher=source), online, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_hidden_record_round_trip(dtype):
+    h = torch.randn(7, 24)
+    targets = np.arange(7, dtype=np.int32)
+    data = fmt.encode_hidden(targets, h, dtype)
+    assert len(data) == fmt.HEADER.size + 7 * fmt.hidden_bytes_per_token(24, dtype)
+    rec = fmt.decode(data)
+    assert isinstance(rec, fmt.HiddenRecord) and rec.dtype == dtype and rec.targets.tolist() == list(range(7))
+    assert torch.equal(fmt.hidden_tensor(rec.hidden, dtype), h.to(getattr(torch, dtype)))
+    with pytest.raises(fmt.CacheRecordError, match="header"):
+        fmt.decode(data[:-2])
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    paths = make_shards(root / "data")
+    cfg = run_config(str(root / "data"))
+    torch.manual_seed(0)  # the tiny teacher has random weights: the writer's and the test's must be the same
+    hidden = write_cache(cfg, root / "hidden", kind="hidden", splits=("train",))
+    torch.manual_seed(0)
+    return {"root": root, "paths": paths, "cfg": cfg, "hidden": hidden,
+            "teacher": build_role_model(cfg.teacher.model, "teacher").eval(),
+            "student": build_role_model(cfg.student.model, "student")}
+
+
+def _loader(c, cache=None, teacher=False):
+    from taid_vlm.data import build_loader
+
+    t_spec = c["teacher"].input_spec if teacher else None
+    return build_loader(c["paths"], c["student"].input_spec, t_spec, companion=cache, mode="eval", batch_size=4,
+                        max_length=MAX_LEN, num_workers=0, text_only=True)
+
+
+def test_hidden_manifest(caches):
+    m, h = caches["hidden"], caches["teacher"].output_weight().shape[1]
+    assert m["kind"] == "hidden" and m["version"] == 2 and m["k"] is None
+    assert m["hidden_size"] == h and m["hidden_dtype"] == "float32"
+    assert m["bytes_per_token_payload"] == 4 + 4 * h
+    assert m["lm_head"]["shape"] == [len(caches["student"].tokenizer), h]
+    assert TeacherCache(caches["root"] / "hidden").k == len(caches["student"].tokenizer)
+
+
+@pytest.mark.parametrize("name", ["taid", "rkl", "fkl"])
+def test_hidden_cache_is_the_online_loss(caches, name):
+    """Writer -> companion tar -> pipeline -> loss: stored in the teacher's dtype, the hidden-state cache
+    recomputes the online teacher's logits with the same matmul, so the only difference left is the
+    teacher forward's own float32 rounding on a differently padded batch (the writer batches samples in
+    file order): ~1e-7 relative, where a k = 64 top-k cache of this teacher is off by tens of percent."""
+    teacher, student = caches["teacher"], caches["student"]
+    v = len(student.tokenizer)
+    cache = TeacherCache(caches["root"] / "hidden")
+    n = 0
+    for b_on, b_ca in zip(_loader(caches, teacher=True), _loader(caches, cache), strict=True):
+        assert b_on["keys"] == b_ca["keys"]
+        with torch.no_grad():
+            h_t, h_s0 = hidden_at(teacher, b_on["teacher"]), hidden_at(student, b_on["student"])
+        sources = [{"teacher_hidden": h_t, "teacher_weight": teacher.output_weight().detach()[:v]},
+                   {"teacher": cached_teacher(b_ca["teacher_topk"])}]
+        results = []
+        for kw in sources:
+            h_s = h_s0.clone().requires_grad_()
+            w_s = student.output_weight().detach()[:v].clone().requires_grad_()
+            value = build_loss(name).fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)
+            results.append((value, *torch.autograd.grad(value, [h_s, w_s])))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=1e-7)
+        n += 1
+    assert n > 0
+
+
+def test_old_topk_cache_without_kind_or_tail_still_loads(caches, tmp_path):
+    """A cache written before the formats existed: manifest version 1 with neither ``kind`` nor ``tail``."""
+    folder = tmp_path / "old"
+    write_cache(caches["cfg"], folder, k=8, splits=("train",))
+    m = json.loads((folder / "manifest.json").read_text())
+    for key in ("kind", "tail"):
+        m.pop(key)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    cache = TeacherCache(folder)
+    assert cache.kind == "topk" and cache.tail == "uniform" and cache.k == 8
+    batch = next(iter(_loader(caches, cache)))
+    assert isinstance(cached_teacher(batch["teacher_topk"]), CachedTopKTeacher)
+    assert batch["teacher_topk"]["ids"].shape[1] == 8
+
+
+def test_student_tail_cache_and_layout_guard(caches, tmp_path):
+    folder = tmp_path / "st"
+    m = write_cache(caches["cfg"], folder, k=8, splits=("train",), tail="student")
+    assert m["tail"] == "student" and m["kind"] == "topk"
+    batch = next(iter(_loader(caches, TeacherCache(folder))))
+    assert cached_teacher(batch["teacher_topk"]).tail == "student"
+    shutil.rmtree(folder / "train")  # an unfinished cache, resumed with another layout, is refused
+    with pytest.raises(ValueError, match="--overwrite"):
+        write_cache(caches["cfg"], folder, kind="hidden", splits=("train",))
