@@ -16,8 +16,8 @@ distillation).
 
 Formats: top-k (float16 log-probs, int32 ids) with a uniform or a student-shaped tail; top-k plus m
 tail tokens sampled from the teacher's tail with their exact log-probs; the teacher's final hidden
-state (bf16 / fp16 / fp32, and int8 with a per-token scale, measured here only) with its lm_head
-stored once. Error = |value - online| / online and
+state (bf16 / fp16 / fp32, or int8 with one float32 scale per token), encoded and decoded by the
+cache's own record format, with its lm_head stored once. Error = |value - online| / online and
 ||grad - online grad|| / ||online grad||, the gradient w.r.t. the student logits of all N tokens.
 """
 
@@ -27,12 +27,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from taid_vlm.losses import build_loss  # noqa: E402
 from taid_vlm.losses.teacher_source import CachedTopKTeacher, OnlineTeacher  # noqa: E402
+from taid_vlm.teacher_cache.format import decode, encode_hidden, hidden_bytes_per_token, hidden_tensor  # noqa: E402
 
 V = 151_936
 LOSSES = (("taid t=0.4", "taid", {"t_start": 0.4}), ("taid t=0.8", "taid", {"t_start": 0.8}),
@@ -94,13 +96,12 @@ def formats(teacher: dict):
     sampled = sampled_tail_arrays(z, 64, 64)
     out["top-64 + 64 sampled, uniform"] = (CachedTopKTeacher(*sampled, tail="uniform"), 6 * 128 + 8)
     out["top-64 + 64 sampled, student"] = (CachedTopKTeacher(*sampled, tail="student"), 6 * 128 + 8)
-    if "hidden" in teacher:
+    if "hidden" in teacher:  # through the cache's own record encoding; the lm_head kept in the teacher's dtype
         h, w = teacher["hidden"], teacher["weight"]
-        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-            stored = h.to(dtype).to(h.dtype)  # what the cache keeps; the lm_head is stored in the teacher's dtype
-            out[f"hidden state, {name}"] = (OnlineTeacher(stored, w), 4 + h.shape[1] * torch.finfo(dtype).bits // 8)
-        scale = h.abs().amax(-1, keepdim=True) / 127  # int8 with one float32 scale per token (not in the writer)
-        out["hidden state, int8 + scale"] = (OnlineTeacher((h / scale).round() * scale, w), 4 + h.shape[1] + 4)
+        for name in ("bfloat16", "float16", "float32", "int8"):
+            rec = decode(encode_hidden(np.zeros(h.shape[0], np.int32), h, name))
+            stored = hidden_tensor(rec.hidden, name, rec.scale).to(h.dtype)
+            out[f"hidden state, {name}"] = (OnlineTeacher(stored, w), hidden_bytes_per_token(h.shape[1], name))
     return out
 
 
@@ -108,7 +109,7 @@ def loss_and_grad(loss_name: str, params: dict, student: torch.Tensor, teacher: 
     z = student.clone().requires_grad_()
     value = build_loss(loss_name, **params).double()(z, teacher, torch.ones(z.shape[0], dtype=torch.bool))
     (grad,) = torch.autograd.grad(value, [z])
-    return float(value), grad
+    return float(value.detach()), grad
 
 
 def errors(teacher: dict, student: torch.Tensor):
@@ -130,29 +131,101 @@ def top_mass(logits: torch.Tensor, k: int = 64) -> float:
     return float(torch.log_softmax(logits, -1).topk(k, -1).values.exp().sum(-1).mean())
 
 
-def fidelity_tables(tokens: int = 32):
-    """Print one table per (teacher, student) and return the rows for docs."""
-    rows = []
+def _print_table(t_name: str, s_name: str, teacher: dict, student: torch.Tensor) -> None:
+    table, sizes = errors(teacher, student)
+    v = teacher["logits"].shape[1]
+    print(f"\nteacher {t_name} (V = {v}, {teacher['logits'].shape[0]} tokens, top-64 mass "
+          f"{top_mass(teacher['logits']):.4f}), student {s_name}: relative gradient error (value error)")
+    print(f"{'format':32s} {'B/token':>8s} " + " ".join(f"{label:>18s}" for label, _, _ in LOSSES))
+    for fmt_name, size in sizes.items():
+        cells = [table[fmt_name, label] for label, _, _ in LOSSES]
+        print(f"{fmt_name:32s} {size:8d} " + " ".join(f"{g:8.2%} ({v:7.2%})" for v, g in cells))
+
+
+def fidelity_tables(tokens: int = 32) -> None:
+    """One table per (synthetic teacher, student)."""
     for t_name, make in (("zipf", zipf_teacher), ("lowrank", lowrank_teacher)):
         teacher = make(tokens)
         for s_name, student in students(teacher["logits"]).items():
-            table, sizes = errors(teacher, student)
-            print(f"\nteacher {t_name} (V = {V}, top-64 mass {top_mass(teacher['logits']):.4f}), student {s_name}: "
-                  "relative gradient error (value error)")
-            print(f"{'format':32s} {'B/token':>8s} " + " ".join(f"{label:>18s}" for label, _, _ in LOSSES))
-            for fmt_name, size in sizes.items():
-                cells = [table[fmt_name, label] for label, _, _ in LOSSES]
-                print(f"{fmt_name:32s} {size:8d} " + " ".join(f"{g:8.2%} ({v:7.2%})" for v, g in cells))
-                rows.append((t_name, s_name, fmt_name, size, cells))
-    return rows
+            _print_table(t_name, s_name, teacher, student)
+
+
+def train_time_cost(tokens: int = 256, student_hidden: int = 896, teacher_hidden: int = 896, reps: int = 2) -> None:
+    """Seconds of one chunked TAID loss forward+backward (fp32, CPU) at V = 151,936 with the teacher side
+    from a top-64 cache vs a hidden-state cache (the extra [N, H_t] x [H_t, V] matmul per chunk)."""
+    import time
+
+    g = torch.Generator().manual_seed(5)
+    hs = torch.randn(tokens, student_hidden, generator=g).requires_grad_()
+    ws = (torch.randn(V, student_hidden, generator=g) / student_hidden**0.5).requires_grad_()
+    ht, wt = torch.randn(tokens, teacher_hidden, generator=g), torch.randn(V, teacher_hidden, generator=g) / 30
+    sources = {"top-64 cache": CachedTopKTeacher(*topk_arrays(ht @ wt.T, 64)),
+               "hidden-state cache": OnlineTeacher(ht, wt)}
+    loss = build_loss("taid")
+    times = {}
+    for name, source in sources.items():
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            loss.fused(hs, ws, teacher=source).backward()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    base = times["top-64 cache"]
+    print(f"\ntrain-time cost (TAID, fp32 CPU, N = {tokens}, V = {V}, H_S = {student_hidden}, H_T = {teacher_hidden})")
+    for name, t in times.items():
+        print(f"{name:24s} {t:8.2f} s  ({t / base:.2f}x)")
+
+
+def text_bed_tables(root: Path, tokens: int = 512) -> None:
+    """The real-text bed's largest teacher (``root``/runs/text_bed/gap/teachers/l/model, trained with CE on
+    Python source; V = 4096) on the first ``tokens`` held-out tokens; students: a random-initialised
+    text-bed student (far) and the bed's small teacher (s) standing in for a trained student (near)."""
+    from taid_vlm.data import build_loader
+    from taid_vlm.train.components import build_role_model
+    from taid_vlm.train.objective import hidden_at
+
+    tok = {"path": str(root / "data/text_bed/tokenizer")}
+
+    def load(folder):
+        return build_role_model({"type": "causal_lm", "dtype": "float32", "tokenizer": tok,
+                                 "llm": {"path": str(folder), "attn_implementation": "sdpa"}}, "teacher").eval()
+
+    teacher, near = load(root / "runs/text_bed/gap/teachers/l/model"), load(root / "runs/text_bed/gap/teachers/s/model")
+    torch.manual_seed(0)
+    far = build_role_model({"type": "causal_lm", "dtype": "float32", "tokenizer": tok, "llm": {"config": {
+        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "tie_word_embeddings": True}}}, "student").eval()
+    v = len(teacher.tokenizer)
+    shards = sorted(str(p) for p in (root / "data/text_bed/val").glob("*.tar"))
+    loader = build_loader(shards, far.input_spec, teacher.input_spec, mode="eval", batch_size=8, max_length=192,
+                          num_workers=0, text_only=True)
+    parts = {"hidden": [], "far": [], "near": []}
+    with torch.no_grad():
+        for b in loader:
+            parts["hidden"].append(hidden_at(teacher, b["teacher"]))
+            parts["near"].append(hidden_at(near, b["teacher"]) @ near.output_weight()[:v].T)
+            parts["far"].append(hidden_at(far, b["student"]) @ far.output_weight()[:v].T)
+            if sum(x.shape[0] for x in parts["hidden"]) >= tokens:
+                break
+    h = torch.cat(parts["hidden"])[:tokens]
+    w = teacher.output_weight().detach()[:v]
+    bed = {"hidden": h, "weight": w, "logits": (h @ w.T).double()}
+    for s_name in ("far", "near"):
+        _print_table("text-bed L", s_name, bed, torch.cat(parts[s_name])[:tokens].double())
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--text-bed", type=Path, help="a checkout holding the real-text bed (data/text_bed, "
+                    "runs/text_bed/gap/teachers/{s,l}/model): measure on its teacher too")
+    ap.add_argument("--text-bed-tokens", type=int, default=512)
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     fidelity_tables(a.tokens)
+    if a.text_bed is not None:
+        text_bed_tables(a.text_bed, a.text_bed_tokens)
     return 0
 
 

@@ -35,8 +35,9 @@ def _main(argv: List[str]) -> int:
     ap.add_argument("--k", type=int, default=64, help="top-k entries per supervised token (default 64)")
     ap.add_argument("--tail", choices=("uniform", "student"), default="uniform",
                     help="top-k: spread the tail mass uniformly or like the student's own tail (default uniform)")
-    ap.add_argument("--hidden-dtype", choices=("bfloat16", "float16", "float32"),
-                    help="hidden: storage dtype (default: the teacher's dtype, which makes the cache exact)")
+    ap.add_argument("--hidden-dtype", choices=("bfloat16", "float16", "float32", "int8"),
+                    help="hidden: storage dtype (default: the teacher's dtype, which makes the cache exact; "
+                         "int8: one scale per token, half of bf16, < 1 %% gradient error measured)")
     ap.add_argument("--out", required=True, help="cache folder")
     ap.add_argument("--split", choices=("train", "val", "both"), default="both")
     ap.add_argument("--batch-size", type=int, help="samples per teacher forward (default: train.micro_batch_size)")

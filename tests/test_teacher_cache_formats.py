@@ -60,15 +60,24 @@ def test_student_tail_at_k_equals_vocab_is_the_online_loss():
     torch.testing.assert_close(loss.fused(hs, ws, mask=mask, chunk_size=4, teacher=source), online, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_hidden_record_round_trip(dtype):
-    h = torch.randn(7, 24)
+    h = torch.randn(7, 24) * torch.arange(1, 8).unsqueeze(1)
+    h[3] = 0.0  # an all-zero row: int8's scale must not divide by zero
     targets = np.arange(7, dtype=np.int32)
     data = fmt.encode_hidden(targets, h, dtype)
     assert len(data) == fmt.HEADER.size + 7 * fmt.hidden_bytes_per_token(24, dtype)
     rec = fmt.decode(data)
     assert isinstance(rec, fmt.HiddenRecord) and rec.dtype == dtype and rec.targets.tolist() == list(range(7))
-    assert torch.equal(fmt.hidden_tensor(rec.hidden, dtype), h.to(getattr(torch, dtype)))
+    back = fmt.hidden_tensor(rec.hidden, dtype, rec.scale)
+    if dtype == "int8":  # rounding to the nearest of 255 levels per token
+        step = h.abs().amax(-1, keepdim=True) / 127
+        assert back.dtype == torch.float32 and bool(((back - h).abs() <= 0.5 * step * (1 + 1e-6)).all())
+        assert torch.equal(back[3], torch.zeros(24))
+        sub = rec.select(np.array([1, 3]))
+        assert torch.equal(fmt.hidden_tensor(sub.hidden, dtype, sub.scale), back[[1, 3]])
+    else:
+        assert torch.equal(back, h.to(getattr(torch, dtype)))
     with pytest.raises(fmt.CacheRecordError, match="header"):
         fmt.decode(data[:-2])
 
@@ -103,8 +112,7 @@ def test_hidden_manifest(caches):
     assert TeacherCache(caches["root"] / "hidden").k == len(caches["student"].tokenizer)
 
 
-@pytest.mark.parametrize("name", ["taid", "rkl", "fkl"])
-def test_hidden_cache_is_the_online_loss(caches, name):
+def test_hidden_cache_is_the_online_loss(caches):
     """Writer -> companion tar -> pipeline -> loss: stored in the teacher's dtype, the hidden-state cache
     recomputes the online teacher's logits with the same matmul, so the only difference left is the
     teacher forward's own float32 rounding on a differently padded batch (the writer batches samples in
@@ -119,39 +127,63 @@ def test_hidden_cache_is_the_online_loss(caches, name):
             h_t, h_s0 = hidden_at(teacher, b_on["teacher"]), hidden_at(student, b_on["student"])
         sources = [{"teacher_hidden": h_t, "teacher_weight": teacher.output_weight().detach()[:v]},
                    {"teacher": cached_teacher(b_ca["teacher_topk"])}]
-        results = []
-        for kw in sources:
-            h_s = h_s0.clone().requires_grad_()
-            w_s = student.output_weight().detach()[:v].clone().requires_grad_()
-            value = build_loss(name).fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)
-            results.append((value, *torch.autograd.grad(value, [h_s, w_s])))
-        for a, b in zip(*results):
-            torch.testing.assert_close(b, a, rtol=2e-5, atol=1e-7)
+        for name in ("taid", "rkl", "fkl"):
+            results = []
+            for kw in sources:
+                h_s = h_s0.clone().requires_grad_()
+                w_s = student.output_weight().detach()[:v].clone().requires_grad_()
+                value = build_loss(name).fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)
+                results.append((value, *torch.autograd.grad(value, [h_s, w_s])))
+            for a, b in zip(*results):
+                torch.testing.assert_close(b, a, rtol=2e-5, atol=1e-7)
         n += 1
     assert n > 0
 
 
-def test_old_topk_cache_without_kind_or_tail_still_loads(caches, tmp_path):
-    """A cache written before the formats existed: manifest version 1 with neither ``kind`` nor ``tail``."""
-    folder = tmp_path / "old"
-    write_cache(caches["cfg"], folder, k=8, splits=("train",))
-    m = json.loads((folder / "manifest.json").read_text())
+@pytest.mark.slow
+def test_int8_hidden_cache_is_within_a_percent_of_online(caches, record_property):
+    """``--hidden-dtype int8`` (one scale per token, 8 + H bytes): the lossy variant, through the writer
+    and the pipeline, against the online TAID loss on the tiny teacher."""
+    folder = caches["root"] / "hidden_int8"
+    if not (folder / "manifest.json").exists():
+        torch.manual_seed(0)
+        write_cache(caches["cfg"], folder, kind="hidden", hidden_dtype="int8", splits=("train",))
+    teacher, student = caches["teacher"], caches["student"]
+    v = len(student.tokenizer)
+    errors = []
+    for b_on, b_ca in zip(_loader(caches, teacher=True), _loader(caches, TeacherCache(folder)), strict=True):
+        with torch.no_grad():
+            h_t, h_s = hidden_at(teacher, b_on["teacher"]), hidden_at(student, b_on["student"])
+        w_s = student.output_weight().detach()[:v].clone().requires_grad_()
+        res = []
+        for kw in ({"teacher_hidden": h_t, "teacher_weight": teacher.output_weight().detach()[:v]},
+                   {"teacher": cached_teacher(b_ca["teacher_topk"])}):
+            value = build_loss("taid").fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)
+            res.append((float(value.detach()), torch.autograd.grad(value, [w_s])[0]))
+        errors.append((abs(res[1][0] / res[0][0] - 1), float((res[1][1] - res[0][1]).norm() / res[0][1].norm())))
+    worst = tuple(max(e[i] for e in errors) for i in range(2))
+    print(f"\nint8 hidden cache vs online TAID: value {worst[0]:.2e}, gradient {worst[1]:.2e} (relative, worst batch)")
+    record_property("int8_rel_value_error", worst[0])
+    record_property("int8_rel_grad_error", worst[1])
+    assert 0 < worst[1] < 1e-2 and worst[0] < 1e-2
+
+
+def test_student_tail_cache_old_manifest_and_layout_guard(caches, tmp_path):
+    """``--tail student`` reaches the loss's source; the same cache with its manifest stripped of ``kind``
+    and ``tail`` (a cache written before the formats existed, version 1) loads as a uniform-tail top-k;
+    an unfinished cache resumed with another layout is refused."""
+    folder = tmp_path / "st"
+    m = write_cache(caches["cfg"], folder, k=8, splits=("train",), tail="student")
+    assert m["tail"] == "student" and m["kind"] == "topk" and m["version"] == 1
+    batch = next(iter(_loader(caches, TeacherCache(folder))))
+    assert cached_teacher(batch["teacher_topk"]).tail == "student"
     for key in ("kind", "tail"):
         m.pop(key)
     (folder / "manifest.json").write_text(json.dumps(m))
     cache = TeacherCache(folder)
     assert cache.kind == "topk" and cache.tail == "uniform" and cache.k == 8
-    batch = next(iter(_loader(caches, cache)))
-    assert isinstance(cached_teacher(batch["teacher_topk"]), CachedTopKTeacher)
-    assert batch["teacher_topk"]["ids"].shape[1] == 8
-
-
-def test_student_tail_cache_and_layout_guard(caches, tmp_path):
-    folder = tmp_path / "st"
-    m = write_cache(caches["cfg"], folder, k=8, splits=("train",), tail="student")
-    assert m["tail"] == "student" and m["kind"] == "topk"
-    batch = next(iter(_loader(caches, TeacherCache(folder))))
-    assert cached_teacher(batch["teacher_topk"]).tail == "student"
-    shutil.rmtree(folder / "train")  # an unfinished cache, resumed with another layout, is refused
+    source = cached_teacher(next(iter(_loader(caches, cache)))["teacher_topk"])
+    assert isinstance(source, CachedTopKTeacher) and source.tail == "uniform" and source.ids.shape[1] == 8
+    shutil.rmtree(folder / "train")
     with pytest.raises(ValueError, match="--overwrite"):
         write_cache(caches["cfg"], folder, kind="hidden", splits=("train",))

@@ -16,9 +16,10 @@ per raw data sample:
   pairs it the same way; the magic tells the kinds apart): header ``<4s B B H I I>`` = (b"THC1", version 1,
   dtype code, 0, H, n), then
       targets  int32   [n]      the supervised token ids
+      (scale   float32 [n]      int8 only: hidden = values * scale, scale = max |h| / 127 per token)
       hidden   dtype   [n, H]   the teacher's final hidden state (after its final norm) at those tokens,
-                                float16 / float32 / bfloat16 (stored as its raw 16 bits)
-  = 4 + H * itemsize bytes per supervised token; the teacher's lm_head [V, H] is stored once per cache
+                                float16 / float32 / bfloat16 (stored as its raw 16 bits) / int8
+  = 4 + H * itemsize bytes per supervised token (int8: 8 + H); the teacher's lm_head [V, H] is stored once per cache
   (lm_head.py). The teacher's logits are then rebuilt exactly as the online teacher computes them.
 - ``KEY.skip``: the sample could not be rendered for the teacher (utf-8 reason, e.g. ``corrupt_image``);
   training skips it under that reason. It keeps the companion one-to-one with the data shard.
@@ -27,7 +28,7 @@ per raw data sample:
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -40,8 +41,8 @@ HIDDEN_FIELD = TOPK_FIELD  # the pipeline reads one member per sample, whatever 
 SKIP_FIELD = "skip"
 DTYPES = {1: np.float16, 2: np.float32}
 DTYPE_CODES = {"float16": 1, "float32": 2}
-HIDDEN_DTYPE_CODES = {"float16": 1, "float32": 2, "bfloat16": 3}
-_HIDDEN_NUMPY = {1: "<f2", 2: "<f4", 3: "<u2"}  # bfloat16 travels as its raw 16 bits
+HIDDEN_DTYPE_CODES = {"float16": 1, "float32": 2, "bfloat16": 3, "int8": 4}
+_HIDDEN_NUMPY = {1: "<f2", 2: "<f4", 3: "<u2", 4: "i1"}  # bfloat16 travels as its raw 16 bits
 
 
 class CacheRecordError(ValueError):
@@ -64,52 +65,81 @@ class TopKRecord(NamedTuple):
 
 class HiddenRecord(NamedTuple):
     targets: np.ndarray  # int32 [n]
-    hidden: np.ndarray   # [n, H]: float16 / float32, or uint16 holding bfloat16 bits
-    dtype: str           # "float16" | "float32" | "bfloat16"
+    hidden: np.ndarray   # [n, H]: float16 / float32 / int8, or uint16 holding bfloat16 bits
+    dtype: str           # "float16" | "float32" | "bfloat16" | "int8"
+    scale: Optional[np.ndarray] = None  # float32 [n]: int8 only, hidden = values * scale
 
     def select(self, rows) -> "HiddenRecord":
-        return HiddenRecord(self.targets[rows], self.hidden[rows], self.dtype)
+        return HiddenRecord(self.targets[rows], self.hidden[rows], self.dtype,
+                            None if self.scale is None else self.scale[rows])
 
 
-
-def hidden_tensor(hidden: np.ndarray, dtype: str):
-    """Stored hidden states (HiddenRecord.hidden, or several concatenated) as a torch tensor of ``dtype``."""
+def hidden_tensor(hidden: np.ndarray, dtype: str, scale: Optional[np.ndarray] = None):
+    """Stored hidden states (HiddenRecord.hidden, or several concatenated) as a torch tensor: of ``dtype``,
+    or float32 for int8 (values times the per-token ``scale``)."""
     import torch
 
     t = torch.from_numpy(np.array(hidden, copy=True))
+    if dtype == "int8":
+        return t.float() * torch.from_numpy(np.array(scale, dtype=np.float32)).unsqueeze(1)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def empty_hidden_record(hidden_size: int, dtype: str) -> HiddenRecord:
+    numpy_dtype = _HIDDEN_NUMPY[HIDDEN_DTYPE_CODES[dtype]]
+    return HiddenRecord(np.zeros(0, np.int32), np.zeros((0, hidden_size), numpy_dtype), dtype,
+                        np.zeros(0, np.float32) if dtype == "int8" else None)
+
+
 def hidden_bytes_per_token(hidden_size: int, dtype: str) -> int:
-    return 4 + hidden_size * np.dtype(_HIDDEN_NUMPY[HIDDEN_DTYPE_CODES[dtype]]).itemsize
+    scale = 4 if dtype == "int8" else 0
+    return 4 + scale + hidden_size * np.dtype(_HIDDEN_NUMPY[HIDDEN_DTYPE_CODES[dtype]]).itemsize
+
+
+def _int8_with_scale(h):
+    """Symmetric int8 per token: values in [-127, 127], scale = max |h| / 127 (float32)."""
+    import torch
+
+    h = h.detach().float().cpu()
+    scale = (h.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    values = (h / scale.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    return values.numpy(), scale.numpy().astype("<f4")
 
 
 def encode_hidden(targets, hidden, dtype: str) -> bytes:
-    """``hidden``: a torch tensor [n, H] (cast to ``dtype`` here)."""
+    """``hidden``: a torch tensor [n, H] (cast to ``dtype`` here; int8: quantised per token)."""
     import torch
 
     n, h = hidden.shape
-    t = hidden.detach().to("cpu", getattr(torch, dtype)).contiguous()
-    raw = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
     targets = np.ascontiguousarray(targets, dtype="<i4")
     if targets.shape != (n,):
         raise ValueError(f"encode_hidden: targets {targets.shape} do not fit hidden {(n, h)}")
+    scale = b""
+    if dtype == "int8":
+        raw, scales = _int8_with_scale(hidden)
+        scale = scales.tobytes()
+    else:
+        t = hidden.detach().to("cpu", getattr(torch, dtype)).contiguous()
+        raw = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
     data = np.ascontiguousarray(raw).astype(raw.dtype.newbyteorder("<"), copy=False).tobytes()
-    return HEADER.pack(HIDDEN_MAGIC, VERSION, HIDDEN_DTYPE_CODES[dtype], 0, h, n) + targets.tobytes() + data
+    return HEADER.pack(HIDDEN_MAGIC, VERSION, HIDDEN_DTYPE_CODES[dtype], 0, h, n) + targets.tobytes() + scale + data
 
 
 def _decode_hidden(data: bytes) -> HiddenRecord:
     _, version, code, _, h, n = HEADER.unpack_from(data)
     if version != VERSION or code not in _HIDDEN_NUMPY:
         raise CacheRecordError(f"not a version-{VERSION} hidden-state record (version {version}, dtype {code})")
-    item = np.dtype(_HIDDEN_NUMPY[code]).itemsize
-    want = HEADER.size + n * (4 + h * item)
+    name = {c: d for d, c in HIDDEN_DTYPE_CODES.items()}[code]
+    want = HEADER.size + n * hidden_bytes_per_token(h, name)
     if len(data) != want:
         raise CacheRecordError(f"record has {len(data)} bytes, its header (n={n}, H={h}) says {want}")
+    at = HEADER.size + 4 * n
     targets = np.frombuffer(data, dtype="<i4", count=n, offset=HEADER.size)
-    hidden = np.frombuffer(data, dtype=_HIDDEN_NUMPY[code], count=n * h, offset=HEADER.size + 4 * n).reshape(n, h)
-    name = {c: d for d, c in HIDDEN_DTYPE_CODES.items()}[code]
-    return HiddenRecord(targets, hidden, name)
+    scale = None
+    if name == "int8":
+        scale, at = np.frombuffer(data, dtype="<f4", count=n, offset=at), at + 4 * n
+    hidden = np.frombuffer(data, dtype=_HIDDEN_NUMPY[code], count=n * h, offset=at).reshape(n, h)
+    return HiddenRecord(targets, hidden, name, scale)
 
 
 def bytes_per_token(k: int, logprob_dtype: str = "float16") -> int:

@@ -125,10 +125,12 @@ class TeacherCache:
 
         targets = torch.from_numpy(cat([r.targets for r in records]))
         if self.kind == "hidden":
-            hidden = (np.concatenate([r.hidden for r in records]) if records
-                      else np.zeros((0, self.hidden_size), dtype=np.float32))
-            return {"hidden": fmt.hidden_tensor(hidden, self.manifest["hidden_dtype"]), "lm_head": self.lm_head,
-                    "targets": targets}
+            dtype = self.manifest["hidden_dtype"]
+            if not records:
+                records = [fmt.empty_hidden_record(self.hidden_size, dtype)]
+            scale = np.concatenate([r.scale for r in records]) if dtype == "int8" else None
+            hidden = fmt.hidden_tensor(np.concatenate([r.hidden for r in records]), dtype, scale)
+            return {"hidden": hidden, "lm_head": self.lm_head, "targets": targets}
         return {"ids": torch.from_numpy(cat([r.ids for r in records])),
                 "logprobs": torch.from_numpy(cat([r.logprobs for r in records])),
                 "log_tail": torch.from_numpy(cat([r.log_tail for r in records])),
