@@ -1,4 +1,5 @@
-"""Run the teacher once over the shards and write its top-k beside them (companion shards + manifest).
+"""Run the teacher once over the shards and write its top-k (or its final hidden states, ``kind="hidden"``,
+with its lm_head once) beside them (companion shards + manifest).
 
 Order and content. Each data shard is read exactly as the training pipeline reads it (read_shard: the
 same raw samples in file order), every raw sample gets one companion record under its ``__key__``: the
