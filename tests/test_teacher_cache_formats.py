@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from taid_vlm.losses import build_loss
+from taid_vlm.losses import LOSS_NAMES, build_loss
 from taid_vlm.losses.teacher_source import CachedTopKTeacher
 from taid_vlm.teacher_cache import TeacherCache
 from taid_vlm.teacher_cache import format as fmt
@@ -51,13 +51,43 @@ def test_student_tail_chunked_equals_its_dense_formula(name):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
-def test_student_tail_at_k_equals_vocab_is_the_online_loss():
+def _grads(value, tensors):
+    return torch.autograd.grad(value, tensors)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_new_formats_at_full_fidelity_are_the_online_loss(name):
+    """Every loss: the student-shaped tail at k = V (float64, 1e-10 like the uniform tail's test), and a
+    float32 teacher's hidden states through the record format (float32) with its lm_head: bit for bit."""
     hs, ws, ht, wt, mask, labels = inputs(seed=12)
-    loss = build_loss("rkl").double()
-    online = loss.fused(hs, ws, ht, wt, mask, chunk_size=4)
+    loss = build_loss(name, **({"ce_weight": 0.3} if name != "ce" else {})).double()
+    online = loss.fused(hs, ws, ht, wt, mask, labels=labels, chunk_size=4)
     topk = topk_of(ht @ wt.T, V)
     source = CachedTopKTeacher(topk["ids"], topk["logprobs"], topk["log_tail"], tail="student")
-    torch.testing.assert_close(loss.fused(hs, ws, mask=mask, chunk_size=4, teacher=source), online, rtol=1e-12, atol=0)
+    cached = loss.fused(hs, ws, mask=mask, labels=labels, chunk_size=4, teacher=source)
+    torch.testing.assert_close(cached, online, rtol=1e-12, atol=1e-14)
+    for a, b in zip(_grads(cached, [hs, ws]), _grads(online, [hs, ws])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+    hs, ws, ht, wt, mask, labels = inputs(seed=13, dtype=torch.float32)
+    loss = build_loss(name, **({"ce_weight": 0.3} if name != "ce" else {}))
+    rec = fmt.decode(fmt.encode_hidden(np.zeros(N, np.int32), ht, "float32"))
+    from_cache = cached_teacher({"hidden": fmt.hidden_tensor(rec.hidden, rec.dtype), "lm_head": _InMemoryLMHead(wt)})
+    online = loss.fused(hs, ws, ht, wt, mask, labels=labels, chunk_size=4)
+    cached = loss.fused(hs, ws, mask=mask, labels=labels, chunk_size=4, teacher=from_cache)
+    assert torch.equal(cached, online)
+    for a, b in zip(_grads(cached, [hs, ws]), _grads(online, [hs, ws])):
+        assert torch.equal(a, b)
+
+
+class _InMemoryLMHead:
+    """What reader.LMHead gives the loss side (``weight(device)``), without a file."""
+
+    def __init__(self, weight):
+        self._weight = weight
+
+    def weight(self, device):
+        return self._weight.to(device)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
