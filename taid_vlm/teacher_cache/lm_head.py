@@ -16,7 +16,7 @@ from typing import Dict, Tuple
 import torch
 
 FILE = "lm_head.safetensors"
-_LOADED: Dict[Tuple[str, str], torch.Tensor] = {}
+_LOADED: Dict[Tuple[str, str, int], torch.Tensor] = {}
 
 
 def save_lm_head(folder, weight: torch.Tensor) -> dict:
@@ -39,12 +39,12 @@ class LMHead:
         self.shape, self.dtype = tuple(entry["shape"]), entry["dtype"]
 
     def weight(self, device) -> torch.Tensor:
-        key = (self.path, str(device))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"teacher cache: {self.path} (the teacher's lm_head) is missing")
+        key = (self.path, str(device), os.stat(self.path).st_mtime_ns)  # a rewritten cache is read again
         if key not in _LOADED:
             from safetensors.torch import load_file
 
-            if not os.path.isfile(self.path):
-                raise FileNotFoundError(f"teacher cache: {self.path} (the teacher's lm_head) is missing")
             w = load_file(self.path)["weight"]
             if tuple(w.shape) != self.shape or str(w.dtype).replace("torch.", "") != self.dtype:
                 raise ValueError(f"teacher cache: {self.path} holds {tuple(w.shape)} {w.dtype}, the manifest says "
