@@ -1,6 +1,8 @@
-"""Teacher cache: storage per supervised token and training throughput, cache vs online teacher.
+"""Teacher cache: storage per supervised token, training throughput, fidelity of each cache format,
+and students trained from each format vs the online teacher.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cache_bench.py [--steps 30] [--out /tmp/cache_bench]
+        [--fidelity-tokens 32] [--e2e-steps 150 --teacher-steps 300] [--text-bed CHECKOUT]
 
 1. Storage: caches the tiny text recipe's teacher (V = 512) at k = 64 and k = V, gzip (default) and
    plain tar; reports the payload (6k + 8 bytes) and the bytes on disk per supervised token. Also
@@ -8,6 +10,15 @@
    the compression on a realistic id range.
 2. Throughput: trains the tiny text recipe for --steps steps with the online teacher and from the k=64
    cache; reports the median tokens/s of the logged steps after the first 3.
+3. Fidelity (cache_fidelity.py): relative error of the loss and its gradient vs the online teacher, per
+   format (top-k with a uniform or student-shaped tail, top-k + sampled tail tokens, hidden states in
+   bf16 / fp16 / fp32 / int8) and loss (TAID t = 0.4 and 0.8, RKL, FKL), at V = 151,936, on
+   --fidelity-tokens tokens of a Zipf and of a low-rank (h @ W) peaked teacher, far and near students
+   (with --text-bed: also on the real-text bed's trained teacher); the train-time cost of the hidden-state
+   cache's teacher matmul in the chunked loss.
+4. End to end (cache_e2e.py, when --e2e-steps > 0): TAID and RKL students trained --e2e-steps steps
+   online and from each cache format on the tiny text bed with a CE-trained teacher; held-out KL
+   against the online teacher.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
 
@@ -87,6 +99,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path("/tmp/cache_bench"))
+    ap.add_argument("--fidelity-tokens", type=int, default=4, help="tokens per fidelity measurement (V = 151,936)")
+    ap.add_argument("--e2e-steps", type=int, default=0, help="student steps of the end-to-end runs (0: skip them)")
+    ap.add_argument("--teacher-steps", type=int, default=300, help="CE steps of the end-to-end bed's teacher")
+    ap.add_argument("--text-bed", type=Path, help="a checkout with the real-text bed and its trained teachers "
+                    "(data/text_bed, runs/text_bed/gap/teachers/{s,l}/model): fidelity on its teacher too")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -111,6 +128,18 @@ def main() -> int:
     print(f"\n{'training (tiny_text, fp32, CPU)':40s} {'tokens/s':>10s}")
     print(f"{'online teacher':40s} {online:10.0f}")
     print(f"{'cached teacher (k=64)':40s} {cached:10.0f}   ({cached / online:.2f}x)")
+    from cache_fidelity import fidelity_tables, train_time_cost
+
+    fidelity_tables(a.fidelity_tokens)
+    train_time_cost(8 * a.fidelity_tokens)
+    if a.text_bed is not None:
+        from cache_fidelity import text_bed_tables
+
+        text_bed_tables(a.text_bed, 512)
+    if a.e2e_steps > 0:
+        from cache_e2e import end_to_end
+
+        end_to_end(a.out / "e2e", a.e2e_steps, a.teacher_steps, ["taid", "rkl"], PY, sh)
     return 0
 
 

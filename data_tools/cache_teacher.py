@@ -1,14 +1,19 @@
-"""Cache a teacher's top-k log-probs beside the shards, once, so distillation runs without the teacher.
+"""Cache a teacher's top-k log-probs (or its final hidden states) beside the shards, once, so
+distillation runs without the teacher.
 
     python -m data_tools.cache_teacher CONFIG --k 64 --out DIR [--split train|val|both] [key.sub=value ...]
+    python -m data_tools.cache_teacher CONFIG --format hidden --out DIR   # exact for every loss
     deepspeed --num_gpus 8 --module data_tools.cache_teacher CONFIG --k 64 --out DIR   # many processes
 
 CONFIG is the training config: its teacher (model, placement, dtype), its data (shards, max_length,
 text_only, caption_instruction) and its train.precision decide what is cached. DIR receives one
 companion shard per data shard (``DIR/train/shard-000000.tar`` ...: the same ``__key__``s and file
 names) and ``DIR/manifest.json`` (teacher, tokenizer, k, rendering settings, per-shard statistics).
-Then train with ``teacher.cache=DIR``: no teacher model is built. Format and approximation:
-taid_vlm/teacher_cache/__init__.py.
+Then train with ``teacher.cache=DIR``: no teacher model is built. Formats: ``--format topk`` (default;
+6k + 8 bytes per supervised token; ``--tail`` picks how the mass outside the top-k is spread) or
+``--format hidden`` (the teacher's final hidden state per token, 2H or 4H bytes, plus its lm_head once:
+exact for every loss when stored in the teacher's dtype). Which to pick, with measured errors:
+taid_vlm/teacher_cache/__init__.py and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ def _main(argv: List[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    ap.add_argument("--format", choices=("topk", "hidden"), default="topk",
+                    help="topk: top-k log-probs + tail mass; hidden: final hidden states + lm_head (exact)")
     ap.add_argument("--k", type=int, default=64, help="top-k entries per supervised token (default 64)")
+    ap.add_argument("--tail", choices=("uniform", "student"), default="uniform",
+                    help="top-k: spread the tail mass uniformly or like the student's own tail (default uniform)")
+    ap.add_argument("--hidden-dtype", choices=("bfloat16", "float16", "float32", "int8"),
+                    help="hidden: storage dtype (default: the teacher's dtype, which makes the cache exact; "
+                         "int8: one scale per token, half of bf16, < 1 %% gradient error measured)")
     ap.add_argument("--out", required=True, help="cache folder")
     ap.add_argument("--split", choices=("train", "val", "both"), default="both")
     ap.add_argument("--batch-size", type=int, help="samples per teacher forward (default: train.micro_batch_size)")
@@ -42,10 +54,12 @@ def _main(argv: List[str]) -> int:
     cfg = load_config(a.config, list(a.overrides))
     splits = ("train", "val") if a.split == "both" else (a.split,)
     manifest = write_cache(cfg, a.out, k=a.k, splits=splits, batch_size=a.batch_size, logprob_dtype=a.logprob_dtype,
-                           overwrite=a.overwrite, compress=not a.no_compress)
+                           overwrite=a.overwrite, compress=not a.no_compress, kind=a.format,
+                           hidden_dtype=a.hidden_dtype, tail=a.tail)
     if manifest is not None:
         t = manifest["totals"]
-        print(json.dumps({"out": a.out, "k": manifest["k"], "vocab_size": manifest["vocab_size"], **t}))
+        print(json.dumps({"out": a.out, "format": manifest["kind"], "k": manifest["k"],
+                          "vocab_size": manifest["vocab_size"], **t}))
     return 0
 
 

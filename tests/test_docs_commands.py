@@ -277,7 +277,8 @@ def run_benchmark(cmd: Command, ws: Workspace) -> None:
         "data_bench.py": ["--n", "8", "--sizes", "32"],
         "train_bench.py": ["--steps", "3", "--warmup", "1"],
         "cache_bench.py": ["--steps", "5",  # it drops the first 3 steps
-                           "--out", str(ws.root / "cache_bench")],
+                           "--out", str(ws.root / "cache_bench"), "--fidelity-tokens", "2",
+                           "--e2e-steps", "2", "--teacher-steps", "2"],
     }[script]
     if "--gpu" in cmd.argv:
         import torch

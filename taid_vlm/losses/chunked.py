@@ -72,8 +72,9 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             end = min(start + chunk_size, n)
             h_chunk = h_s[start:end]
             y = labels[start:end] if labels is not None else None
-            teacher_chunk = teacher.fill(t_buf[: end - start], start, end) if teacher is not None else None
             s_logits = _matmul_into(s_buf[: end - start], h_chunk, w_s)
+            # a cached top-k teacher with a student-shaped tail reads the student's logits of these rows
+            teacher_chunk = teacher.fill_for_student(t_buf[: end - start], start, end, s_logits) if teacher is not None else None
             if closed_form is not None:
                 values, d_logits = closed_form(s_logits, teacher_chunk, y, scratch=scratch[: end - start])
                 chunk_loss = values.sum() / denom

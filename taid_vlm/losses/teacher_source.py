@@ -7,10 +7,18 @@ logit matrix. They ask a ``TeacherSource`` for rows ``start:end`` of it, written
 - ``OnlineTeacher(hidden [N, H], weight [V, H])``: a teacher model run on this batch; the rows are
   ``hidden @ weight.T`` (matmul in the model's dtype, then float32), exactly what the student side does.
 - ``LogitsTeacher(logits [N, V])``: logits computed elsewhere.
-- ``CachedTopKTeacher(ids [N, k], logprobs [N, k], log_tail [N])``: a top-k teacher cache
-  (taid_vlm.teacher_cache); the rows are its log-probs rebuilt with the tail mass spread uniformly.
+- ``CachedTopKTeacher(ids [N, k], logprobs [N, k], log_tail [N], tail)``: a top-k teacher cache
+  (taid_vlm.teacher_cache); the rows are its log-probs rebuilt with the tail mass spread uniformly
+  (``tail="uniform"``) or in proportion to the student's own probabilities on the tail
+  (``tail="student"``: needs the student's logits of the same rows, see ``fill_for_student``).
   Every loss is a function of softmax(a * teacher + b) with a per-row constant b, so log-probs stand
   in for logits.
+- A hidden-state cache (the teacher's final hidden states + its lm_head stored once) is an
+  ``OnlineTeacher``: the rows are rebuilt exactly (up to the storage dtype).
+
+The chunked loss calls ``fill_for_student(out, start, end, student_logits)``: the student's logits of
+the same rows (read only, not yet differentiated) for the sources whose rows depend on them; the
+others ignore them.
 
 Row ``i`` of a source pairs with the student's ``i``-th supervised token. ``select(mask)`` keeps the
 rows where the loss mask is true; ``check(name, n, v)`` raises a ValueError naming the loss when the
@@ -42,12 +50,33 @@ def topk_log_probs_into(out: torch.Tensor, ids: torch.Tensor, logprobs: torch.Te
     return out.scatter_(1, ids.long(), logprobs.to(out.dtype))
 
 
+def student_tail_log_probs_into(out: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor,
+                                student_logits: torch.Tensor) -> torch.Tensor:
+    """out [C, V] <- the teacher's top-k log-probs at ``ids``, and on the other V - k tokens the tail mass
+    spread in proportion to the student's probabilities there:
+    ``log_tail + z_S,v - logsumexp_{u not in top-k} z_S,u``. So TAID's target on the tail follows the
+    student's shape and reverse KL sees ``log q - log p~`` constant on it. Rows with an empty tail
+    (log_tail = -inf) get -inf there."""
+    k, v = ids.shape[1], out.shape[1]
+    if k == v:
+        return out.scatter_(1, ids.long(), logprobs.to(out.dtype))
+    index = ids.long()
+    out.copy_(student_logits).scatter_(1, index, float("-inf"))
+    student_tail = torch.logsumexp(out, -1, keepdim=True)  # over the tail only: no cancellation
+    out.sub_(student_tail).add_(log_tail.to(out.dtype).unsqueeze(1))
+    return out.scatter_(1, index, logprobs.to(out.dtype))
+
+
 class TeacherSource:
     """Rows of the teacher's [N, V] logits, on demand."""
 
     def fill(self, out: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Write rows start:end into ``out`` ([end - start, V], float32 or wider) and return it."""
         raise NotImplementedError
+
+    def fill_for_student(self, out: torch.Tensor, start: int, end: int, student_logits: torch.Tensor) -> torch.Tensor:
+        """``fill``, for a source whose rows may depend on the student's logits of the same rows [end - start, V]."""
+        return self.fill(out, start, end)
 
     def select(self, mask: torch.Tensor) -> "TeacherSource":
         """The rows where ``mask`` ([N] bool) is true, detached from any graph."""
@@ -102,25 +131,39 @@ class LogitsTeacher(TeacherSource):
             )
 
 
+TAILS = ("uniform", "student")
+
+
 class CachedTopKTeacher(TeacherSource):
-    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor):
-        self.ids, self.logprobs, self.log_tail = ids, logprobs, log_tail
+    """``tail``: how the mass outside the top-k is spread: ``uniform`` over the other V - k tokens, or like
+    the student (``student``; where no student logits are given, as in the evaluator, uniform)."""
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, tail: str = "uniform"):
+        if tail not in TAILS:
+            raise ValueError(f"teacher cache tail must be one of {TAILS}, got {tail!r}")
+        self.ids, self.logprobs, self.log_tail, self.tail = ids, logprobs, log_tail, tail
 
     @classmethod
     def from_batch(cls, name: str, topk: Any) -> "CachedTopKTeacher":
-        """From ``batch["teacher_topk"]`` (a dict with ids / logprobs / log_tail) or that triple."""
+        """From ``batch["teacher_topk"]`` (a dict with ids / logprobs / log_tail [/ tail]) or that triple."""
         if isinstance(topk, dict):
             missing = {"ids", "logprobs", "log_tail"} - set(topk)
             if missing:
                 raise ValueError(f"{name}: teacher_topk lacks {sorted(missing)}")
-            return cls(topk["ids"], topk["logprobs"], topk["log_tail"])
+            return cls(topk["ids"], topk["logprobs"], topk["log_tail"], topk.get("tail", "uniform"))
         return cls(*topk)
 
     def fill(self, out, start, end):
         return topk_log_probs_into(out, self.ids[start:end], self.logprobs[start:end], self.log_tail[start:end])
 
+    def fill_for_student(self, out, start, end, student_logits):
+        if self.tail == "uniform":
+            return self.fill(out, start, end)
+        return student_tail_log_probs_into(out, self.ids[start:end], self.logprobs[start:end], self.log_tail[start:end],
+                                           student_logits)
+
     def select(self, mask):
-        return CachedTopKTeacher(*(x[mask].detach() for x in (self.ids, self.logprobs, self.log_tail)))
+        return CachedTopKTeacher(*(x[mask].detach() for x in (self.ids, self.logprobs, self.log_tail)), tail=self.tail)
 
     def top1(self, log_probs, start, end):
         # the stored top-1 is the teacher's argmax (16-bit ties in the stored log-probs cannot reorder it)
@@ -169,4 +212,5 @@ def teacher_source(
 
 
 __all__ = ["TeacherSource", "OnlineTeacher", "LogitsTeacher", "CachedTopKTeacher", "teacher_source",
-           "matmul_into", "topk_log_probs_into"]
+           "matmul_into", "topk_log_probs_into",
+           "student_tail_log_probs_into", "TAILS"]

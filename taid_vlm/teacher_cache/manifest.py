@@ -1,6 +1,7 @@
 """``manifest.json`` of a teacher cache: what was cached, with what, and how to check it at training time.
 
     {"format": "taid-vlm-teacher-topk", "version": 1, "complete": true,
+     "kind": "topk", "tail": "uniform",       # absent in older caches: top-k, uniform tail
      "k": 64, "vocab_size": V, "logprob_dtype": "float16",
      "teacher": {"config": {...}, "placement": ..., "dtype": ..., "weights_fingerprint": "sha256:..."},
      "tokenizer": {"vocab_hash": "sha256:...", "size": V},
@@ -10,6 +11,9 @@
      "shards": [{"split", "source", "companion", "source_bytes", "samples", "cached", "skipped",
                  "supervised_tokens", "bytes", "payload_bytes"}, ...],
      "totals": {...}}
+
+A hidden-state cache (version 2) has ``"kind": "hidden"``, ``"k": null``, ``"hidden_size": H``,
+``"hidden_dtype"`` and ``"lm_head": {"file", "shape", "dtype", "bytes"}`` instead of the top-k fields.
 
 The manifest is written last (atomically): a folder without one is an unfinished cache.
 """
@@ -24,7 +28,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 FORMAT = "taid-vlm-teacher-topk"
-VERSION = 1
+VERSION = 1  # a top-k cache: readable by every taid-vlm that reads caches
+HIDDEN_VERSION = 2  # a hidden-state cache: older readers refuse it by its version
+VERSIONS = (VERSION, HIDDEN_VERSION)
+KINDS = ("topk", "hidden")
 MANIFEST = "manifest.json"
 
 
@@ -102,9 +109,11 @@ def read_manifest(folder) -> dict:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CacheMismatchError(f"teacher cache {folder}: {MANIFEST} is not valid JSON: {e}") from None
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+    if m.get("format") != FORMAT or m.get("version") not in VERSIONS:
         raise CacheMismatchError(f"teacher cache {folder}: {MANIFEST} has format {m.get('format')!r} version "
-                                 f"{m.get('version')!r}; this taid-vlm reads {FORMAT!r} version {VERSION}")
+                                 f"{m.get('version')!r}; this taid-vlm reads {FORMAT!r} versions {VERSIONS}")
+    if m.get("kind", "topk") not in KINDS:
+        raise CacheMismatchError(f"teacher cache {folder}: {MANIFEST} field kind is {m.get('kind')!r}, not one of {KINDS}")
     if not m.get("complete"):
         raise CacheMismatchError(f"teacher cache {folder}: the manifest says the cache is incomplete")
     if rendering_hash(m["rendering"]) != m.get("rendering_hash"):

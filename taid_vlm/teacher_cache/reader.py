@@ -1,6 +1,10 @@
 """Training from a teacher cache: find each data shard's companion, pair records with samples, align
 them with the student's supervised tokens, and collate them into ``batch["teacher_topk"]``.
 
+Both cache kinds (manifest ``kind``): a top-k cache collates into ``{"ids", "logprobs", "log_tail",
+"tail"}``, a hidden-state cache into ``{"hidden", "lm_head"}`` (the lm_head as a file reference, loaded
+once per process where the loss runs); ``source.cached_teacher`` turns either into a TeacherSource.
+
 ``TeacherCache`` is the companion object that ``taid_vlm.data.build_loader(..., companion=cache)``
 takes. The pipeline zips each data shard's raw samples with its companion's (by position, checking
 ``__key__``) BEFORE the block shuffle, so shuffling, the rank/worker split and resume carry the cached
@@ -21,6 +25,7 @@ from taid_vlm.data.render import IGNORE_INDEX
 from taid_vlm.data.skips import SampleError
 
 from . import format as fmt
+from .lm_head import LMHead
 from .manifest import CacheMismatchError, read_manifest
 
 # Skip reasons (counted by the data pipeline's SkipCounter).
@@ -35,8 +40,13 @@ class TeacherCache:
     def __init__(self, folder, manifest: Optional[dict] = None):
         self.folder = str(Path(folder).resolve())
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
-        self.k = int(self.manifest["k"])
+        self.kind = self.manifest.get("kind", "topk")
         self.vocab_size = int(self.manifest["vocab_size"])
+        # a hidden-state cache is the whole distribution: k = V
+        self.k = int(self.manifest["k"]) if self.kind == "topk" else self.vocab_size
+        self.tail = self.manifest.get("tail", "uniform")
+        self.hidden_size = self.manifest.get("hidden_size")
+        self.lm_head = LMHead(self.folder, self.manifest["lm_head"]) if self.kind == "hidden" else None
         self._by_source = {os.path.realpath(s["source"]): s for s in self.manifest["shards"]}
 
     # -- shard mapping ---------------------------------------------------------------------------
@@ -84,8 +94,7 @@ class TeacherCache:
             rec = fmt.decode(record)
         except fmt.CacheRecordError as e:
             raise SampleError(CACHE_CORRUPT, f"{key}: {e}") from None
-        if rec.k != self.k or (rec.ids.size and int(rec.ids.max()) >= self.vocab_size):
-            raise SampleError(CACHE_CORRUPT, f"{key}: record k={rec.k} or ids beyond the vocabulary")
+        self._check_record(rec, key)
         pos = [i for i, x in enumerate(labels) if x != IGNORE_INDEX]
         student = [labels[i] for i in pos]
         teacher = rec.targets.tolist()
@@ -99,19 +108,37 @@ class TeacherCache:
             new[pos[i]] = labels[pos[i]]
         return rec.select(np.asarray(keep_t, dtype=np.int64)), new, len(student) + len(teacher) - 2 * len(keep_s)
 
-    @staticmethod
-    def collate(records: Sequence[fmt.TopKRecord]) -> Dict[str, torch.Tensor]:
+    def _check_record(self, rec, key: str) -> None:
+        if self.kind == "hidden":
+            if not isinstance(rec, fmt.HiddenRecord) or rec.hidden.shape[1] != self.hidden_size \
+                    or rec.dtype != self.manifest["hidden_dtype"]:
+                raise SampleError(CACHE_CORRUPT, f"{key}: not a {self.manifest['hidden_dtype']} hidden-state record "
+                                  f"of width {self.hidden_size}")
+        elif not isinstance(rec, fmt.TopKRecord) or rec.k != self.k \
+                or (rec.ids.size and int(rec.ids.max()) >= self.vocab_size):
+            raise SampleError(CACHE_CORRUPT, f"{key}: not a top-k record with k={self.k} and ids within the vocabulary")
+
+    def collate(self, records: Sequence) -> Dict[str, Any]:
         """Records in batch order (sample-major, token order: the order of ``loss_targets``)."""
         def cat(xs):
             return np.concatenate(xs) if xs else np.zeros((0,), dtype=np.int32)
 
+        targets = torch.from_numpy(cat([r.targets for r in records]))
+        if self.kind == "hidden":
+            dtype = self.manifest["hidden_dtype"]
+            if not records:
+                records = [fmt.empty_hidden_record(self.hidden_size, dtype)]
+            scale = np.concatenate([r.scale for r in records]) if dtype == "int8" else None
+            hidden = fmt.hidden_tensor(np.concatenate([r.hidden for r in records]), dtype, scale)
+            return {"hidden": hidden, "lm_head": self.lm_head, "targets": targets}
         return {"ids": torch.from_numpy(cat([r.ids for r in records])),
                 "logprobs": torch.from_numpy(cat([r.logprobs for r in records])),
                 "log_tail": torch.from_numpy(cat([r.log_tail for r in records])),
-                "targets": torch.from_numpy(cat([r.targets for r in records]))}
+                "targets": targets, "tail": self.tail}
 
     def __repr__(self) -> str:
-        return f"TeacherCache({self.folder}, k={self.k}, V={self.vocab_size}, shards={len(self._by_source)})"
+        what = f"hidden {self.hidden_size} x {self.manifest['hidden_dtype']}" if self.kind == "hidden" else f"k={self.k}"
+        return f"TeacherCache({self.folder}, {what}, V={self.vocab_size}, shards={len(self._by_source)})"
 
 
 def open_teacher_cache(folder) -> TeacherCache:

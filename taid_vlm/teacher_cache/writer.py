@@ -1,4 +1,5 @@
-"""Run the teacher once over the shards and write its top-k beside them (companion shards + manifest).
+"""Run the teacher once over the shards and write its top-k (or its final hidden states, ``kind="hidden"``,
+with its lm_head once) beside them (companion shards + manifest).
 
 Order and content. Each data shard is read exactly as the training pipeline reads it (read_shard: the
 same raw samples in file order), every raw sample gets one companion record under its ``__key__``: the
@@ -27,7 +28,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,8 +43,9 @@ from taid_vlm.losses import OnlineTeacher
 from taid_vlm.losses.chunked import default_chunk_size
 
 from . import format as fmt
-from .manifest import (FORMAT, VERSION, rendering_hash, rendering_settings, totals, vocab_hash, weights_fingerprint,
-                       write_manifest)
+from .lm_head import save_lm_head
+from .manifest import (FORMAT, HIDDEN_VERSION, KINDS, VERSION, rendering_hash, rendering_settings, totals, vocab_hash,
+                       weights_fingerprint, write_manifest)
 
 log = logging.getLogger("taid_vlm.teacher_cache")
 
@@ -133,44 +135,68 @@ def _first_renderable(jobs, renderer, data_cfg):
     raise ValueError("no shard holds a single sample the teacher can render")
 
 
-class _TeacherTopK:
-    """The placed teacher on a batch of rendered samples -> per sample (targets, ids, logprobs, log_tail).
+class CacheLayout(NamedTuple):
+    """What each record holds: ``kind`` "topk" (k entries, ``logprob_dtype``; ``tail`` is the tail model
+    the reader applies) or "hidden" (the teacher's final hidden state in ``hidden_dtype``)."""
+    kind: str = "topk"
+    k: Optional[int] = 64
+    logprob_dtype: str = "float16"
+    hidden_dtype: Optional[str] = None
+    tail: str = "uniform"
+
+    def encode(self, targets, rows) -> Tuple[str, bytes]:
+        """(tar field, record bytes) of one sample's rows."""
+        if self.kind == "hidden":
+            return fmt.HIDDEN_FIELD, fmt.encode_hidden(targets.numpy(), rows, self.hidden_dtype)
+        ids, lps, tail = rows
+        return fmt.TOPK_FIELD, fmt.encode(targets.numpy(), ids.numpy(), lps.numpy(), tail.numpy(), self.logprob_dtype)
+
+
+class _TeacherRecords:
+    """The placed teacher on a batch of rendered samples -> per sample (n tokens, tar field, record bytes).
     In lockstep (ZeRO-3 teacher, several ranks) a rank without work still runs a dummy batch, because the
     sharded teacher gathers its parameters collectively."""
 
-    def __init__(self, teacher, pad_id: int, vocab_size: int, k: int, device, dummy=None):
-        self.teacher, self.pad_id, self.vocab_size, self.k, self.device = teacher, pad_id, vocab_size, k, device
+    def __init__(self, teacher, pad_id: int, vocab_size: int, layout: CacheLayout, device, dummy=None):
+        self.teacher, self.pad_id, self.vocab_size, self.layout, self.device = teacher, pad_id, vocab_size, layout, device
         self.dummy = dummy
 
-    def _topk(self, rendered: list):
+    def _rows(self, rendered: list):
+        """(teacher inputs, per-token rows): the hidden states [K, H], or the top-k triple."""
         from taid_vlm.train.device import to_device
 
         t_in = to_device(collate(rendered, self.pad_id), self.device)
         h = self.teacher.hidden(t_in)
+        if self.layout.kind == "hidden":
+            return t_in, h
         with self.teacher.output_weight() as w:
-            return t_in, topk_from_hidden(h, w[: self.vocab_size], self.k)
+            return t_in, topk_from_hidden(h, w[: self.vocab_size], self.layout.k)
 
     def __call__(self, items: list) -> list:
         rendered = [r for _, r in items if not isinstance(r, str)]
         if not rendered:
             if self.dummy is not None:  # every rank must run the sharded teacher the same number of times
-                self._topk([self.dummy])
+                self._rows([self.dummy])
             return []
-        t_in, (ids, lps, tail) = self._topk(rendered)
+        t_in, rows = self._rows(rendered)
         counts = (t_in["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
         targets = t_in["loss_targets"].to(torch.int32).cpu().split(counts)
-        ids, lps, tail = ids.cpu().split(counts), lps.float().cpu().split(counts), tail.float().cpu().split(counts)
-        return list(zip(targets, ids, lps, tail))
+        if self.layout.kind == "hidden":
+            per_sample = rows.cpu().split(counts)
+        else:
+            ids, lps, tail = rows
+            per_sample = zip(ids.cpu().split(counts), lps.float().cpu().split(counts), tail.float().cpu().split(counts))
+        return [(int(t.shape[0]), *self.layout.encode(t, r)) for t, r in zip(targets, per_sample)]
 
 
 class _CompanionShard:
     """One companion tar being written to ``NAME.tmp`` (gzip level 1 when ``compress``), renamed into place
     and its statistics stored under ``.parts/`` by ``finish``."""
 
-    def __init__(self, out: Path, job: _ShardJob, compress: bool, logprob_dtype: str):
+    def __init__(self, out: Path, job: _ShardJob, compress: bool):
         import webdataset as wds
 
-        self.out, self.job, self.logprob_dtype = out, job, logprob_dtype
+        self.out, self.job = out, job
         self.final = out / job.companion
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
@@ -181,17 +207,16 @@ class _CompanionShard:
         self.cached = self.tokens = self.payload = 0
 
     def write(self, items: list, results: list) -> None:
-        """One record per item, in data order: the teacher's top-k, or the reason it could not render."""
+        """One record per item, in data order: the teacher's rows, or the reason it could not render."""
         results = iter(results)
         for key, r in items:
             if isinstance(r, str):
                 self.writer.write({"__key__": key, fmt.SKIP_FIELD: r.encode()})
                 continue
-            targets, ids, lps, tail = next(results)
-            rec = fmt.encode(targets.numpy(), ids.numpy(), lps.numpy(), tail.numpy(), self.logprob_dtype)
-            self.writer.write({"__key__": key, fmt.TOPK_FIELD: rec})
+            n, field, rec = next(results)
+            self.writer.write({"__key__": key, field: rec})
             self.cached += 1
-            self.tokens += int(targets.shape[0])
+            self.tokens += n
             self.payload += len(rec)
 
     def finish(self, stats: dict) -> dict:
@@ -265,8 +290,8 @@ def _work(mine: List[_ShardJob], out: Path, renderer, data_cfg: dict, bs: int, r
             yield job, items, stats, last
 
 
-def _write_companions(work: Iterator, run_teacher: _TeacherTopK, out: Path, lockstep: bool, device, rank: int,
-                      compress: bool, logprob_dtype: str) -> None:
+def _write_companions(work: Iterator, run_teacher: _TeacherRecords, out: Path, lockstep: bool, device, rank: int,
+                      compress: bool) -> None:
     from taid_vlm.train.launch_env import all_reduce_sum
 
     shard = None
@@ -281,7 +306,7 @@ def _write_companions(work: Iterator, run_teacher: _TeacherTopK, out: Path, lock
             continue
         job, items, stats, last = nxt
         if shard is None:
-            shard = _CompanionShard(out, job, compress, logprob_dtype)
+            shard = _CompanionShard(out, job, compress)
         shard.write(items, run_teacher(items))
         if last:
             entry = shard.finish(stats)
@@ -291,32 +316,66 @@ def _write_companions(work: Iterator, run_teacher: _TeacherTopK, out: Path, lock
             shard = None
 
 
+def cache_layout(kind: str = "topk", k: Optional[int] = 64, logprob_dtype: str = "float16",
+                 hidden_dtype: Optional[str] = None, tail: str = "uniform") -> CacheLayout:
+    """A checked CacheLayout (``hidden_dtype`` None: the teacher's own dtype, filled in by write_cache)."""
+    from taid_vlm.losses.teacher_source import TAILS
+
+    if kind not in KINDS:
+        raise ValueError(f"cache format must be one of {KINDS}, got {kind!r}")
+    if logprob_dtype not in fmt.DTYPE_CODES:
+        raise ValueError(f"logprob_dtype must be one of {sorted(fmt.DTYPE_CODES)}, got {logprob_dtype!r}")
+    if hidden_dtype is not None and hidden_dtype not in fmt.HIDDEN_DTYPE_CODES:
+        raise ValueError(f"hidden_dtype must be one of {sorted(fmt.HIDDEN_DTYPE_CODES)}, got {hidden_dtype!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    return CacheLayout(kind, k if kind == "topk" else None, logprob_dtype, hidden_dtype if kind == "hidden" else None,
+                       tail)
+
+
+def _check_resumed_layout(out: Path, layout: CacheLayout, rank: int, overwrite: bool) -> None:
+    """Finished shards of an earlier run are reused only if they were written with the same layout."""
+    if rank != 0:
+        return
+    path = out / PARTS / "layout.json"
+    if path.is_file() and not overwrite and json.loads(path.read_text()) != layout._asdict():
+        raise ValueError(f"{out} holds a cache being written with {path.read_text()}, not {json.dumps(layout._asdict())}: "
+                         "pass --overwrite or another --out")
+    path.write_text(json.dumps(layout._asdict()))
+
+
 def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"), batch_size: Optional[int] = None,
-                logprob_dtype: str = "float16", overwrite: bool = False, compress: bool = True) -> Optional[dict]:
+                logprob_dtype: str = "float16", overwrite: bool = False, compress: bool = True, kind: str = "topk",
+                hidden_dtype: Optional[str] = None, tail: str = "uniform") -> Optional[dict]:
     """Every rank calls this. Returns the manifest on rank 0 (None elsewhere). ``compress``: gzip each
     companion tar (level 1; the file name stays ``.tar``, readers detect gzip by its magic bytes). It
-    removes the tar headers' and paddings' zeros and the ids' zero high bytes at little CPU cost."""
-    from taid_vlm.train.components import build_role_model, place_teacher
+    removes the tar headers' and paddings' zeros and the ids' zero high bytes at little CPU cost.
+    ``kind``: "topk" (``k``, ``logprob_dtype``, ``tail``) or "hidden" (the teacher's final hidden states
+    in ``hidden_dtype``, default the teacher's dtype, which makes the cache exact; lm_head stored once)."""
+    from taid_vlm.train.components import build_role_model, place_teacher, teacher_dtype
     from taid_vlm.train.launch_env import barrier
     from taid_vlm.train.synthetic import ensure_synthetic_data
     from taid_vlm.train.zero3 import gathered
 
-    if logprob_dtype not in fmt.DTYPE_CODES:
-        raise ValueError(f"logprob_dtype must be one of {sorted(fmt.DTYPE_CODES)}, got {logprob_dtype!r}")
+    layout = cache_layout(kind, k, logprob_dtype, hidden_dtype, tail)
     if cfg.teacher.model is None:
         raise ValueError("teacher.model: the cache writer needs the teacher model config")
+    if kind == "hidden" and hidden_dtype is None:
+        layout = layout._replace(hidden_dtype=str(teacher_dtype(cfg)).replace("torch.", ""))
     rank, world, device = _processes(cfg)
     ensure_synthetic_data(cfg, rank)  # the tiny recipes generate their shards on first use
     out = Path(out).resolve()
     _prepare_folder(out, rank, overwrite)
+    _check_resumed_layout(out, layout, rank, overwrite)
 
     model = build_role_model(cfg.teacher.model, "teacher")
     spec = model.input_spec
     vocab_size = len(spec.tokenizer)
-    if not 1 <= k <= vocab_size:
+    if kind == "topk" and not 1 <= k <= vocab_size:
         raise ValueError(f"--k must be in [1, {vocab_size}] (the tokenizer's vocabulary), got {k}")
     teacher = place_teacher(cfg, model, device, world)
     fingerprint = weights_fingerprint(teacher.model, gathered)
+    lm_head = _store_lm_head(teacher, out, vocab_size, rank) if kind == "hidden" else None
 
     caption = cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION
     data_cfg = {"caption_instruction": caption, "text_only": cfg.data.text_only}
@@ -327,31 +386,50 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
         raise ValueError(f"{len(jobs)} shards < {world} processes with a ZeRO-3 teacher: use at most {len(jobs)} processes")
     bs = int(batch_size or cfg.train.micro_batch_size)
     dummy = _first_renderable(jobs, renderer, data_cfg) if lockstep else None
-    run_teacher = _TeacherTopK(teacher, pad_token_id(spec.tokenizer), vocab_size, k, device, dummy)
+    run_teacher = _TeacherRecords(teacher, pad_token_id(spec.tokenizer), vocab_size, layout, device, dummy)
 
     t0 = time.perf_counter()
     work = _work(jobs[rank::world], out, renderer, data_cfg, bs, not overwrite and not lockstep, rank)
-    _write_companions(work, run_teacher, out, lockstep, device, rank, compress, logprob_dtype)
+    _write_companions(work, run_teacher, out, lockstep, device, rank, compress)
     elapsed = time.perf_counter() - t0
     barrier()
     if rank != 0:
         return None
-    manifest = _manifest(cfg, spec, k, vocab_size, logprob_dtype, compress, fingerprint, caption,
-                         _collect_parts(out, jobs), {"processes": world, "seconds_rank0": round(elapsed, 3), "batch_size": bs})
+    manifest = _manifest(cfg, spec, layout, vocab_size, compress, fingerprint, caption, _collect_parts(out, jobs),
+                         {"processes": world, "seconds_rank0": round(elapsed, 3), "batch_size": bs}, lm_head)
     write_manifest(out, manifest)
     log.info("teacher cache %s: %s", out, json.dumps(manifest["totals"]))
     return manifest
 
 
-def _manifest(cfg, spec, k: int, vocab_size: int, logprob_dtype: str, compress: bool, fingerprint: str,
-              caption: str, entries: List[dict], writer: dict) -> dict:
+def _store_lm_head(teacher, out: Path, vocab_size: int, rank: int) -> dict:
+    """The teacher's lm_head (first ``vocab_size`` rows, its own dtype) into the cache; every rank gathers
+    it (collective under ZeRO-3), rank 0 writes it."""
+    from taid_vlm.train.launch_env import barrier
+
+    with teacher.output_weight() as w:
+        entry = save_lm_head(out, w[:vocab_size]) if rank == 0 else None
+    barrier()
+    return entry
+
+
+def _manifest(cfg, spec, layout: CacheLayout, vocab_size: int, compress: bool, fingerprint: str,
+              caption: str, entries: List[dict], writer: dict, lm_head: Optional[dict]) -> dict:
     from taid_vlm.train.components import teacher_dtype
 
     settings = rendering_settings(spec, cfg.data.max_length, cfg.data.text_only, caption)
+    if layout.kind == "hidden":
+        width = lm_head["shape"][1]
+        what = {"version": HIDDEN_VERSION, "kind": "hidden", "k": None, "hidden_size": width,
+                "hidden_dtype": layout.hidden_dtype, "lm_head": lm_head,
+                "bytes_per_token_payload": fmt.hidden_bytes_per_token(width, layout.hidden_dtype)}
+    else:
+        what = {"version": VERSION, "kind": "topk", "tail": layout.tail, "k": layout.k,
+                "logprob_dtype": layout.logprob_dtype,
+                "bytes_per_token_payload": fmt.bytes_per_token(layout.k, layout.logprob_dtype)}
     return {
-        "format": FORMAT, "version": VERSION, "complete": True, "k": k, "vocab_size": vocab_size,
-        "logprob_dtype": logprob_dtype, "compression": "gzip" if compress else None,
-        "bytes_per_token_payload": fmt.bytes_per_token(k, logprob_dtype),
+        "format": FORMAT, **what, "complete": True, "vocab_size": vocab_size,
+        "compression": "gzip" if compress else None,
         "teacher": {"config": json.loads(json.dumps(cfg.teacher.model, default=str)), "placement": cfg.teacher.placement,
                     "dtype": str(teacher_dtype(cfg)).replace("torch.", ""), "weights_fingerprint": fingerprint},
         "tokenizer": {"vocab_hash": vocab_hash(spec.tokenizer), "size": vocab_size},

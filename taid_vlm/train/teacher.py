@@ -8,7 +8,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from taid_vlm.losses import CachedTopKTeacher, OnlineTeacher, TeacherSource
+from taid_vlm.losses import OnlineTeacher, TeacherSource
+from taid_vlm.teacher_cache.source import cached_teacher
 
 from .objective import hidden_at
 from .zero3 import gathered
@@ -48,7 +49,7 @@ def teacher_for_batch(teacher: Optional[Teacher], batch: dict, vocab_size: int) 
     run on ``batch["teacher"]`` (lm_head gathered under ZeRO-3 while the context is open), else None.
     Rows pair with ``batch["student"]["loss_targets"]``; the first ``vocab_size`` logits are compared."""
     if "teacher_topk" in batch:
-        yield CachedTopKTeacher.from_batch("teacher cache", batch["teacher_topk"])
+        yield cached_teacher(batch["teacher_topk"])
     elif teacher is None:
         yield None
     else:
