@@ -55,9 +55,9 @@ def setup(tmp_path_factory):
     paths = make_shards(root / "data", bad=True)
     cfg = run_config(str(root / "data"))
     manifest = write_cache(cfg, root / "topk8", k=8, splits=("train",))
-    torch.manual_seed(0)
-    teacher = build_role_model(cfg.teacher.model, "teacher").eval()
+    torch.manual_seed(cfg.seed)  # as the trainer builds them (student first): the writer's teacher too
     student = build_role_model(cfg.student.model, "student")
+    teacher = build_role_model(cfg.teacher.model, "teacher").eval()
     return {"root": root, "paths": paths, "cfg": cfg, "manifest": manifest, "teacher": teacher, "student": student}
 
 
@@ -77,6 +77,13 @@ def records_by_key(folder):
                 if field == "topk":
                     out[key] = decode(tf.extractfile(m).read())
     return out
+
+
+def test_the_writer_caches_the_teacher_the_trainer_builds(setup):
+    """A teacher built from a config has random weights: the writer draws them as the trainer does."""
+    from taid_vlm.teacher_cache.manifest import weights_fingerprint
+
+    assert setup["manifest"]["teacher"]["weights_fingerprint"] == weights_fingerprint(setup["teacher"])
 
 
 def test_manifest_and_storage(setup):

@@ -117,12 +117,11 @@ def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
     paths = make_shards(root / "data")
     cfg = run_config(str(root / "data"))
-    torch.manual_seed(0)  # the tiny teacher has random weights: the writer's and the test's must be the same
     hidden = write_cache(cfg, root / "hidden", kind="hidden", splits=("train",))
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)  # as the trainer and the writer build them (student first)
+    student = build_role_model(cfg.student.model, "student")
     return {"root": root, "paths": paths, "cfg": cfg, "hidden": hidden,
-            "teacher": build_role_model(cfg.teacher.model, "teacher").eval(),
-            "student": build_role_model(cfg.student.model, "student")}
+            "teacher": build_role_model(cfg.teacher.model, "teacher").eval(), "student": student}
 
 
 def _loader(c, cache=None, teacher=False):
@@ -176,7 +175,6 @@ def test_int8_hidden_cache_is_within_a_percent_of_online(caches, record_property
     and the pipeline, against the online TAID loss on the tiny teacher."""
     folder = caches["root"] / "hidden_int8"
     if not (folder / "manifest.json").exists():
-        torch.manual_seed(0)
         write_cache(caches["cfg"], folder, kind="hidden", hidden_dtype="int8", splits=("train",))
     teacher, student = caches["teacher"], caches["student"]
     v = len(student.tokenizer)

@@ -363,11 +363,14 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     if kind == "hidden" and hidden_dtype is None:
         layout = layout._replace(hidden_dtype=str(teacher_dtype(cfg)).replace("torch.", ""))
     rank, world, device = _processes(cfg)
+    torch.manual_seed(cfg.seed)  # as the trainer: a teacher built from a config gets the same random weights
     ensure_synthetic_data(cfg, rank)  # the tiny recipes generate their shards on first use
     out = Path(out).resolve()
     _prepare_folder(out, rank, overwrite)
     _check_resumed_layout(out, layout, rank, overwrite)
 
+    if cfg.student.model is not None:  # the trainer builds the student first: the same RNG draws
+        build_role_model(cfg.student.model, "student")
     model = build_role_model(cfg.teacher.model, "teacher")
     spec = model.input_spec
     vocab_size = len(spec.tokenizer)
