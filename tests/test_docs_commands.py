@@ -311,6 +311,14 @@ def run_compare_demo(cmd: Command, ws: Workspace) -> None:
     assert (ws.root / _opt(argv, "--out") / "compare.md").is_file(), cmd.where
 
 
+def run_text_corpus(cmd: Command, ws: Workspace) -> None:
+    """Three small installed packages and a 512-token vocabulary instead of the documented ten (~18 MB)."""
+    argv = _set(_set(_set(list(cmd.argv), "--packages", "yaml,click,jinja2"), "--vocab-size", "512"),
+                "--val-fraction", "0.2")
+    ws.run(argv, cmd.env)
+    assert (ws.root / _opt(argv, "--out") / "tokenizer" / "tokenizer.json").is_file(), cmd.where
+
+
 @dataclass
 class Rule:
     pattern: str  # re.fullmatch against the command text
@@ -335,6 +343,11 @@ RULES = [
     Rule(r"taid-vlm compare configs/demo/distill\.yaml .*", run_compare_demo, slow=True, fast_check=parse_compare),
     # three teachers trained for 1,000 steps each: too long even for the slow tests; the study is validated
     Rule(r"taid-vlm compare configs/demo/capacity_gap\.yaml .*", parse_compare),
+    # the real-text bed: the corpus (three small packages) and a 2-step teacher run on it run for real;
+    # its compare runs (12 losses x 200 steps, three teachers) are far too long for a test: parsed only
+    Rule(r"python -m data_tools\.text_corpus --out data/text_bed --seed \d+( .*)?", run_text_corpus),
+    Rule(r"taid-vlm train configs/text_bed/teacher\.yaml --output-dir \S+( .*)?", run_train),
+    Rule(r"taid-vlm compare configs/text_bed/(distill|capacity_gap)\.yaml .*", parse_compare),
 ]
 
 

@@ -235,6 +235,14 @@ def load_study(path: Path) -> dict:
     return raw
 
 
+def teacher_override(saved: Path) -> str:
+    """The override that loads an exported teacher: a taid-vlm model folder, or (a text-only run exports a
+    plain Hugging Face causal LM) that folder as a `causal_lm` with its own tokenizer."""
+    if (Path(saved) / "taid_model.json").is_file():
+        return f"teacher.model={{saved: {saved}}}"
+    return f"teacher.model={{type: causal_lm, tokenizer: {{path: {saved}}}, llm: {{path: {saved}}}}}"
+
+
 def run_capacity_gap(path: Path, losses: Optional[Sequence[str]], seeds: Optional[Sequence[int]], steps: Optional[int],
                      out: Path, overrides: Sequence[str] = (), fresh: bool = False,
                      echo: Callable[[str], None] = print) -> dict:
@@ -264,7 +272,7 @@ def run_capacity_gap(path: Path, losses: Optional[Sequence[str]], seeds: Optiona
         saved = run_export(t_dir / "run", t_dir / "model", fresh=fresh, echo=echo)
         params = count_parameters(saved)["total"]
         res = run_compare(Path(study["distill"]), losses, seeds, steps, out / "compare" / name,
-                          overrides=[*study.get("overrides", []), *overrides, f"teacher.model={{saved: {saved}}}"],
+                          overrides=[*study.get("overrides", []), *overrides, teacher_override(saved)],
                           fresh=fresh, echo=echo, title=f"teacher {name} ({params / 1e6:.2f} M parameters)")
         per_teacher[name] = {"params": params, "teacher_eval": t_metrics.final_eval, "agg": res.agg}
         row = [name, f"{params / 1e6:.2f} M", f"{t_metrics.final_eval.get('eval_student_acc', float('nan')):.3f}"]

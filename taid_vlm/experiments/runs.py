@@ -243,6 +243,10 @@ def count_parameters(model_dir_or_cfg) -> dict[str, int]:
     with torch.device("meta") if isinstance(model_dir_or_cfg, dict) else _nullcontext():
         if isinstance(model_dir_or_cfg, dict):
             model = build_model(model_dir_or_cfg, role="student")
+        elif not (Path(model_dir_or_cfg) / "taid_model.json").is_file():  # a text-only export: a plain HF causal LM
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir_or_cfg))
         else:
             model = load_model(model_dir_or_cfg, role="teacher")
     seen, counts = set(), {"total": 0}

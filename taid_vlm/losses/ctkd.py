@@ -56,11 +56,13 @@ class CurriculumTemperatureKD(DistillationLoss):
             self.name, "curriculum_fraction", curriculum_fraction, 0.0, 1.0, low_open=True
         )
         init_logit = check_range(self.name, "init_logit", init_logit, -math.inf, math.inf, low_open=True, high_open=True)
-        self.temperature_logit = nn.Parameter(torch.tensor(init_logit, dtype=torch.float32))
+        # shape [1], not a 0-dim scalar: DeepSpeed's engine views every parameter as bytes to broadcast it,
+        # which a 0-dim tensor cannot do ("self.dim() cannot be 0 to view Float as Byte")
+        self.temperature_logit = nn.Parameter(torch.tensor([init_logit], dtype=torch.float32))
         self.grl_lambda = self.lambda_min
 
     def temperature(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Scalar tensor; its gradient to `temperature_logit` is reversed and scaled by lambda."""
+        """One-element tensor; its gradient to `temperature_logit` is reversed and scaled by lambda."""
         theta = GradientReversal.apply(self.temperature_logit.to(dtype), self.grl_lambda)
         return self.t_min + (self.t_max - self.t_min) * torch.sigmoid(theta)
 
