@@ -99,8 +99,8 @@ def write_long_answer_shards(out: Path, n: int) -> None:
     """Chat-distillation-like samples: a short prompt and a long assistant answer (most tokens supervised)."""
     import random
 
-    from data_tools.make_shards import write_shards
-    from data_tools.synth_shapes import caption, random_scene
+    from taid_vlm.data.shard_writer import write_shards
+    from taid_vlm.data.synthetic import caption, random_scene
 
     rng = random.Random(0)
 
@@ -155,7 +155,7 @@ def stage_prepare(work: Path, s: dict) -> dict:
         write_long_answer_shards(work / "text" / "train", s["samples"])
     ensure_synthetic_data(cfg, 0)
     teacher, student = build_models(cfg)
-    loader, _ = build_loaders(cfg, student, teacher, 0, 1)
+    loader, _ = build_loaders(cfg, student, teacher, teacher, 0, 1)
     batches, it = [], iter(loader)
     for _ in range(s["steps"]):
         b = next(it)

@@ -30,16 +30,49 @@ from .inputs import check_mask_and_labels
 from .teacher_source import TeacherSource, matmul_into as _matmul_into, topk_log_probs_into  # noqa: F401 (re-export)
 
 TARGET_CHUNK_ELEMENTS = 1 << 25  # 128 MB per float32 [C, V] buffer: C = 216 at V = 152k
+# On a CPU the chunk's matmuls are compute-bound already at ~100 rows (re-reading the [V, H] weights per
+# chunk is cheap next to the FLOPs), so half the rows cost no measurable time and save 2 x 64 MB of [C, V]
+# workspace at the step's memory peak (benchmarks/peer_bench.py, docs/benchmarks.md).
+CPU_TARGET_CHUNK_ELEMENTS = 1 << 24  # C = 104 at V = 152k
+SCRATCH_ROWS = 16  # rows per call of a loss's closed form (its scratch buffer is [SCRATCH_ROWS, V])
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    """C with C * V ~ TARGET_CHUNK_ELEMENTS, a multiple of 8 (at least 8), at most num_tokens.
+def default_chunk_size(num_tokens: int, vocab_size: int, device: Optional[torch.device] = None) -> int:
+    """C with C * V ~ TARGET_CHUNK_ELEMENTS (CPU_TARGET_CHUNK_ELEMENTS when ``device`` is a CPU), a
+    multiple of 8 (at least 8), at most num_tokens.
 
     Each chunk reads the [V, H] weights and read-writes the [V, H] weight gradient once, so small
-    chunks are bound by memory traffic; benchmarks/loss_bench.py has the measured trade-off.
+    chunks are bound by memory traffic on a GPU; benchmarks/loss_bench.py has the measured trade-off.
     """
-    rows = max(TARGET_CHUNK_ELEMENTS // max(vocab_size, 1) // 8 * 8, 8)
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    target = CPU_TARGET_CHUNK_ELEMENTS if on_cpu else TARGET_CHUNK_ELEMENTS
+    rows = max(target // max(vocab_size, 1) // 8 * 8, 8)
     return max(1, min(rows, num_tokens))
+
+
+def _closed_form_in_row_blocks(closed_form, s_logits, teacher_chunk, labels, scratch):
+    """closed_form over the chunk, SCRATCH_ROWS rows at a time (rows are independent), so the scratch
+    buffer is [SCRATCH_ROWS, V] instead of a third [C, V] (-128 MB at C = 216, V = 152k). The gradient
+    ends up in the student buffer (a closed form may leave it in the teacher's, e.g. RKL)."""
+    values = []
+    for a in range(0, s_logits.shape[0], SCRATCH_ROWS):
+        b = min(a + SCRATCH_ROWS, s_logits.shape[0])
+        v, d = closed_form(s_logits[a:b], teacher_chunk[a:b] if teacher_chunk is not None else None,
+                           labels[a:b] if labels is not None else None, scratch=scratch[: b - a])
+        if d.data_ptr() != s_logits[a:b].data_ptr():
+            s_logits[a:b].copy_(d)
+        values.append(v)
+    return torch.cat(values), s_logits
+
+
+def _accumulate_weight_grad(grad_w, d_logits, h_chunk, first: bool) -> None:
+    """grad_w (+)= d_logits.T @ h_chunk: the first chunk writes (no zero-filled [V, H] buffer to add to),
+    later ones add in place."""
+    d_t, h = d_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype)
+    if first:
+        torch.mm(d_t, h, out=grad_w)
+    else:
+        grad_w.addmm_(d_t, h)
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
@@ -51,8 +84,8 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_params = [ctx.needs_input_grad[8 + i] for i in range(num_params)]
         grad_h = torch.empty_like(h_s) if need_h else None
-        # Accumulate the weight gradient in at least float32: bf16 sums over many chunks lose precision.
-        grad_w = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
+        # Accumulated in at least float32 (bf16 sums over many chunks lose precision); written by the first chunk.
+        grad_w = torch.empty(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
         grad_params = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32), device=h_s.device)
         trainable = [p for p, need in zip(params, need_params) if need]
@@ -63,7 +96,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         rows, vocab = min(chunk_size, n), w_s.shape[0]
         s_buf = torch.empty(rows, vocab, dtype=compute_dtype, device=h_s.device)
         t_buf = torch.empty_like(s_buf) if teacher is not None else None
-        scratch = torch.empty_like(s_buf) if closed_form is not None else None
+        scratch = s_buf.new_empty(min(rows, SCRATCH_ROWS), vocab) if closed_form is not None else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_chunk = h_s[start:end]
@@ -71,7 +104,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             teacher_chunk = teacher.fill(t_buf[: end - start], start, end) if teacher is not None else None
             s_logits = _matmul_into(s_buf[: end - start], h_chunk, w_s)
             if closed_form is not None:
-                values, d_logits = closed_form(s_logits, teacher_chunk, y, scratch=scratch[: end - start])
+                values, d_logits = _closed_form_in_row_blocks(closed_form, s_logits, teacher_chunk, y, scratch)
                 chunk_loss = values.sum() / denom
                 d_logits = d_logits.div_(denom)
             else:
@@ -93,7 +126,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             if need_h:
                 torch.mm(d_logits, w_s, out=grad_h[start:end])
             if need_w:
-                grad_w.addmm_(d_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+                _accumulate_weight_grad(grad_w, d_logits, h_chunk, first=start == 0)
             del d_logits, chunk_loss, s_logits, teacher_chunk
         del s_buf, t_buf, scratch
 
@@ -158,7 +191,7 @@ def chunked_lm_head_loss(
     with torch.no_grad():
         teacher = teacher.select(mask) if teacher is not None else None
     y = labels[mask] if labels is not None else None
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v, student_hidden.device)
     params = list(loss_fn.parameters())
     denom = float(denominator) if denominator is not None else float(k)
     return _ChunkedLMHeadLoss.apply(h_s, student_weight, teacher, y, loss_fn, chunk, denom, len(params), *params)
