@@ -31,10 +31,9 @@ from .teacher_source import TeacherSource, matmul_into as _matmul_into, topk_log
 
 TARGET_CHUNK_ELEMENTS = 1 << 25  # 128 MB per float32 [C, V] buffer: C = 216 at V = 152k
 # On a CPU the chunk's matmuls are compute-bound already at ~100 rows (re-reading the [V, H] weights per
-# chunk is cheap next to the FLOPs), so half the rows cost no measurable time and save 2 x 64 MB of [C, V]
-# workspace at the step's memory peak (benchmarks/peer_bench.py, docs/benchmarks.md).
+# chunk is cheap next to the FLOPs), so half the rows cost no measurable time and save 3 x 64 MB of [C, V]
+# workspaces at the step's memory peak (benchmarks/peer_bench.py, docs/benchmarks.md).
 CPU_TARGET_CHUNK_ELEMENTS = 1 << 24  # C = 104 at V = 152k
-SCRATCH_ROWS = 16  # rows per call of a loss's closed form (its scratch buffer is [SCRATCH_ROWS, V])
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, device: Optional[torch.device] = None) -> int:
@@ -48,21 +47,6 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: Optional[torch.
     target = CPU_TARGET_CHUNK_ELEMENTS if on_cpu else TARGET_CHUNK_ELEMENTS
     rows = max(target // max(vocab_size, 1) // 8 * 8, 8)
     return max(1, min(rows, num_tokens))
-
-
-def _closed_form_in_row_blocks(closed_form, s_logits, teacher_chunk, labels, scratch):
-    """closed_form over the chunk, SCRATCH_ROWS rows at a time (rows are independent), so the scratch
-    buffer is [SCRATCH_ROWS, V] instead of a third [C, V] (-128 MB at C = 216, V = 152k). The gradient
-    ends up in the student buffer (a closed form may leave it in the teacher's, e.g. RKL)."""
-    values = []
-    for a in range(0, s_logits.shape[0], SCRATCH_ROWS):
-        b = min(a + SCRATCH_ROWS, s_logits.shape[0])
-        v, d = closed_form(s_logits[a:b], teacher_chunk[a:b] if teacher_chunk is not None else None,
-                           labels[a:b] if labels is not None else None, scratch=scratch[: b - a])
-        if d.data_ptr() != s_logits[a:b].data_ptr():
-            s_logits[a:b].copy_(d)
-        values.append(v)
-    return torch.cat(values), s_logits
 
 
 def _accumulate_weight_grad(grad_w, d_logits, h_chunk, first: bool) -> None:
@@ -96,7 +80,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         rows, vocab = min(chunk_size, n), w_s.shape[0]
         s_buf = torch.empty(rows, vocab, dtype=compute_dtype, device=h_s.device)
         t_buf = torch.empty_like(s_buf) if teacher is not None else None
-        scratch = s_buf.new_empty(min(rows, SCRATCH_ROWS), vocab) if closed_form is not None else None
+        scratch = torch.empty_like(s_buf) if closed_form is not None else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h_chunk = h_s[start:end]
@@ -104,7 +88,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             teacher_chunk = teacher.fill(t_buf[: end - start], start, end) if teacher is not None else None
             s_logits = _matmul_into(s_buf[: end - start], h_chunk, w_s)
             if closed_form is not None:
-                values, d_logits = _closed_form_in_row_blocks(closed_form, s_logits, teacher_chunk, y, scratch)
+                values, d_logits = closed_form(s_logits, teacher_chunk, y, scratch=scratch[: end - start])
                 chunk_loss = values.sum() / denom
                 d_logits = d_logits.div_(denom)
             else:
