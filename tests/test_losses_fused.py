@@ -111,6 +111,9 @@ def test_default_chunk_size_bounds():
     assert default_chunk_size(100_000, 512) == 65536
     assert default_chunk_size(100_000, 10**9) == 8
     assert default_chunk_size(3, 10**9) == 3
+    assert default_chunk_size(4096, 151_936, torch.device("cpu")) == 104  # half the rows on a CPU
+    assert default_chunk_size(4096, 151_936, torch.device("meta")) == 216
+    assert default_chunk_size(32_768, 151_936, torch.device("cuda")) == 1760  # tensor cores want tall chunks
 
 
 @pytest.mark.parametrize("name,kwargs", [(n, {}) for n in LOSS_NAMES]

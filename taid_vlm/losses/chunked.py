@@ -30,20 +30,45 @@ from .inputs import check_mask_and_labels
 from .teacher_source import TeacherSource, matmul_into as _matmul_into, topk_log_probs_into  # noqa: F401 (re-export)
 
 TARGET_CHUNK_ELEMENTS = 1 << 25  # 128 MB per float32 [C, V] buffer: C = 216 at V = 152k
-# On a GPU a chunk of 216 rows leaves the tensor cores idle between small matmuls (measured on an H200:
-# 1.3x slower than 2048 rows at N = 16,384): 1 GiB per [C, V] buffer there, C = 1760 at V = 152k.
-TARGET_CHUNK_ELEMENTS_GPU = 1 << 28
+# On a CPU the chunk's matmuls are compute-bound already at ~100 rows (re-reading the [V, H] weights per
+# chunk is cheap next to the FLOPs), so half the rows cost no measurable time and save 3 x 64 MB of [C, V]
+# workspaces at the step's memory peak (benchmarks/peer_bench.py, docs/benchmarks.md).
+CPU_TARGET_CHUNK_ELEMENTS = 1 << 24  # C = 104 at V = 152k
+# On a GPU 216 rows leave the tensor cores idle between small matmuls (an H200 at N = 16,384: 1.3x slower
+# than 2048 rows): 1 GiB per float32 [C, V] buffer there, C = 1760 at V = 152k.
+GPU_TARGET_CHUNK_ELEMENTS = 1 << 28
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, on_gpu: bool = False) -> int:
-    """C with C * V ~ TARGET_CHUNK_ELEMENTS (_GPU), a multiple of 8 (at least 8), at most num_tokens.
+def default_chunk_size(num_tokens: int, vocab_size: int, device: Optional[torch.device] = None) -> int:
+    """C with C * V ~ TARGET_CHUNK_ELEMENTS (CPU_/GPU_TARGET_CHUNK_ELEMENTS when ``device`` is a CPU / GPU),
+    a multiple of 8 (at least 8), at most num_tokens.
 
     Each chunk reads the [V, H] weights and read-writes the [V, H] weight gradient once, so small
-    chunks are bound by memory traffic; benchmarks/loss_bench.py has the measured trade-off.
+    chunks are bound by memory traffic on a GPU; benchmarks/loss_bench.py has the measured trade-off.
     """
-    target = TARGET_CHUNK_ELEMENTS_GPU if on_gpu else TARGET_CHUNK_ELEMENTS
+    kind = torch.device(device).type if device is not None else None
+    target = {"cpu": CPU_TARGET_CHUNK_ELEMENTS, "cuda": GPU_TARGET_CHUNK_ELEMENTS}.get(kind, TARGET_CHUNK_ELEMENTS)
     rows = max(target // max(vocab_size, 1) // 8 * 8, 8)
     return max(1, min(rows, num_tokens))
+
+
+def _accumulate_weight_grad(grad_w, d_logits, h_chunk, first: bool) -> None:
+    """grad_w (+)= d_logits.T @ h_chunk: the first chunk writes (no zero-filled [V, H] buffer to add to),
+    later ones add in place. bf16/fp16 weights: each chunk's matmul runs in that dtype (tensor cores,
+    fp32 accumulation inside the matmul; a float32 one ran 2.4x slower on an H200) and only the sum over
+    chunks is float32."""
+    if d_logits.dtype == grad_w.dtype:
+        d_t, h = d_logits.T, h_chunk.to(grad_w.dtype)
+        if first:
+            torch.mm(d_t, h, out=grad_w)
+        else:
+            grad_w.addmm_(d_t, h)
+        return
+    part = torch.mm(d_logits.T, h_chunk.to(d_logits.dtype))
+    if first:
+        grad_w.copy_(part)
+    else:
+        grad_w.add_(part)
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
@@ -55,8 +80,8 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_params = [ctx.needs_input_grad[8 + i] for i in range(num_params)]
         grad_h = torch.empty_like(h_s) if need_h else None
-        # Accumulate the weight gradient in at least float32: bf16 sums over many chunks lose precision.
-        grad_w = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
+        # Accumulated in at least float32 (bf16 sums over many chunks lose precision); written by the first chunk.
+        grad_w = torch.empty(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need_w else None
         grad_params = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32), device=h_s.device)
         trainable = [p for p, need in zip(params, need_params) if need]
@@ -98,10 +123,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             if need_h:
                 torch.mm(d_logits, w_s, out=grad_h[start:end])
             if need_w:
-                if d_logits.dtype == grad_w.dtype:
-                    grad_w.addmm_(d_logits.T, h_chunk.to(grad_w.dtype))
-                else:  # bf16/fp16 weights: the chunk's matmul at the tensor-core rate, the sum over chunks in fp32
-                    grad_w.add_(torch.mm(d_logits.T, h_chunk.to(d_logits.dtype)))
+                _accumulate_weight_grad(grad_w, d_logits, h_chunk, first=start == 0)
             del d_logits, chunk_loss, s_logits, teacher_chunk
         del s_buf, t_buf, scratch
 
@@ -166,7 +188,7 @@ def chunked_lm_head_loss(
     with torch.no_grad():
         teacher = teacher.select(mask) if teacher is not None else None
     y = labels[mask] if labels is not None else None
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v, on_gpu=h_s.is_cuda)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(k, v, student_hidden.device)
     params = list(loss_fn.parameters())
     denom = float(denominator) if denominator is not None else float(k)
     return _ChunkedLMHeadLoss.apply(h_s, student_weight, teacher, y, loss_fn, chunk, denom, len(params), *params)

@@ -52,7 +52,9 @@ class DistillationObjective(nn.Module):
         """The loss of one micro-batch; ``teacher``: rows paired with ``student_inputs["loss_targets"]``. Its
         sum over supervised tokens divided by ``denominator`` (step_denominator), or their mean when None."""
         h_s = hidden_at(self.student, student_inputs)
-        w_s = self.student.output_weight()[: self.vocab_size]
+        w_s = self.student.output_weight()
+        if w_s.shape[0] != self.vocab_size:  # a slice, even a full one, costs a zero-filled [V, H] in backward
+            w_s = w_s[: self.vocab_size]
         return self.loss_fn.fused(h_s, w_s, mask=None, labels=student_inputs["loss_targets"],
                                   chunk_size=self.chunk_size, teacher=teacher, denominator=denominator)
 

@@ -42,6 +42,7 @@ from .metrics_log import MetricsLog
 from .objective import DistillationObjective, step_denominator, step_loss
 from .run_summary import summary_lines
 from .signals import GracefulStop, TrainingStopped
+from .single_rank import backward_reduction
 from .synthetic import ensure_synthetic_data
 from .teacher import teacher_for_batch
 
@@ -204,7 +205,8 @@ class Trainer:
                 skipped += 1
                 self.dropped_total += 1
                 continue
-            self.engine.backward(loss)
+            with backward_reduction(self.engine, world):
+                self.engine.backward(loss)
             if self.manual_grad_norm and len(losses) == accum - 1:
                 grad_norm = _grad_norm(self.params)
             self.engine.step()
