@@ -299,6 +299,17 @@ class SampleStream(IterableDataset):
             skips.add(e.reason, raw.get("__key__"))
             return None
 
+    def _render_slot(self, slot, pending: Dict[int, Any], skips: SkipCounter, stats: Counter) -> list:
+        """The usable samples of one micro-batch slot, in global order, taken out of ``pending``
+        (O(micro-batch) lookups, not a scan of the block)."""
+        prepared = []
+        for i in range(slot.start, slot.stop):
+            if i in pending:
+                item = self._prepare_counted(pending.pop(i), skips, stats)
+                if item is not None:
+                    prepared.append(item)
+        return prepared
+
     def _train_batch(self, items: list) -> Dict[str, Any]:
         if not self.pack:
             return self._batch(items, False)
@@ -362,15 +373,9 @@ class SampleStream(IterableDataset):
                     slot = upcoming.popleft()
                     # Rendered only now, one micro-batch at a time: a block holds raw bytes, never the
                     # pixel tensors of shuffle_buffer samples.
-                    prepared = []
-                    for i in range(slot.start, slot.stop):  # global order; O(micro-batch), not O(block)
-                        if i not in pending:
-                            continue
-                        item = self._prepare_counted(pending.pop(i), skips, stats)
-                        if item is not None:
-                            prepared.append(item)
-                            if filler is None:
-                                filler = _as_filler(item)
+                    prepared = self._render_slot(slot, pending, skips, stats)
+                    if prepared and filler is None:
+                        filler = _as_filler(prepared[0])
                     items = [(key, parts, None, record) for key, parts, record in prepared]
                     if not items:
                         if filler is None:
