@@ -52,8 +52,10 @@ def held_out_metrics(student_dir: Path, teacher_yaml: Path) -> Dict[str, float]:
     from taid_vlm.train.components import build_role_model, shard_paths
     from taid_vlm.train.evaluate import METRICS, metric_sums
     from taid_vlm.train.objective import hidden_at
+    from taid_vlm.train.synthetic import ensure_synthetic_data
 
     cfg = load_config("configs/tiny_text.yaml", [])
+    ensure_synthetic_data(cfg, 0)  # its held-out split, in a fresh checkout too (the docs test runs there)
     import yaml
 
     def hf_model(folder):
