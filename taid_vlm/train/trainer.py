@@ -17,7 +17,6 @@ own in a test process.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 import time
