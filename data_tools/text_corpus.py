@@ -202,6 +202,9 @@ def _main(argv: List[str]) -> int:
             raise UserError("holds an earlier build; pass --overwrite to replace it", f"--out {a.out}")
         for name in ("train", "val", "tokenizer"):
             shutil.rmtree(a.out / name, ignore_errors=True)
+    elif a.out.is_dir() and any(a.out.iterdir()):  # someone else's files: never written into
+        raise UserError("is not empty and holds no earlier build of this tool (no manifest.json); "
+                        "choose an empty or new folder", f"--out {a.out}")
     m = build(source, a.out, packages, a.seed, a.val_fraction, a.chunk_chars, a.vocab_size)
     for s, t in m["totals"].items():
         print(f"{s}: {t['files']} files, {t['chunks']} samples, {t['chars']:,} characters, {t['tokens']:,} tokens")

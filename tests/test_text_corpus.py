@@ -91,3 +91,16 @@ def test_bad_source_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--source" in err and "nope" in err
     assert corpus_main(["--out", str(tmp_path / "o"), "--source", str(_site(tmp_path)), "--packages", "nopkg"]) == 2
     assert "nopkg" in capsys.readouterr().err
+
+
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "notes.txt").write_text("keep me")
+    site = _site(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert corpus_main(["--out", str(out), "--source", str(site), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not empty" in err and str(out) in err
+    assert sorted(p.name for p in out.rglob("*")) == ["notes.txt", "train"]
+    assert (out / "train" / "notes.txt").read_text() == "keep me"
