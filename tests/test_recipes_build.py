@@ -119,6 +119,35 @@ def _vlm_8b_teacher(root: Path) -> str:
         "llm": {"path": _qwen2_folder(root, "qwen2-teacher-llm", 96, 2), "attn_implementation": "sdpa"}})
 
 
+def _text_bed_tokenizer(root: Path) -> str:
+    """data_tools.text_corpus's tokenizer kind (byte-level BPE, 4096 tokens, the project's specials), trained on
+    this repository's own Python source instead of the site-packages corpus the bed is built from."""
+    from data_tools.text_corpus import train_tokenizer
+
+    out = root / "text-bed-tokenizer"
+    if not out.is_dir():
+        sources = sorted((CONFIGS.parent / "taid_vlm").rglob("*.py"))
+        train_tokenizer([p.read_text() for p in sources], 4096, out)
+    return str(out)
+
+
+def _text_bed_teacher(root: Path, size: str) -> str:
+    """A text-bed teacher as `taid-vlm export` leaves it: a Qwen2 causal LM folder of the model file's geometry
+    with the bed's tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = root / f"text-bed-teacher-{size}"
+    if not out.is_dir():
+        tok = AutoTokenizer.from_pretrained(_text_bed_tokenizer(root))
+        geometry = yaml.safe_load((CONFIGS / f"text_bed/models/teacher_{size}.yaml").read_text())["llm"]["config"]
+        cfg = Qwen2Config(**{k: v for k, v in geometry.items() if k != "model_type"}, vocab_size=len(tok),
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(cfg).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
 def _demo_teacher(root: Path) -> str:
     # the demo's teacher is configs/demo/models/teacher.yaml trained and exported by `taid-vlm demo`
     return _saved_composed(root, "demo-teacher", yaml.safe_load((CONFIGS / "demo/models/teacher.yaml").read_text()))
@@ -131,6 +160,8 @@ STAND_INS: Dict[str, Callable[[Path], str]] = {
     "/models/siglip-so400m-patch14-384": _siglip_384_folder,
     "/models/vlm-8b-teacher": _vlm_8b_teacher,
     "../../runs/demo/teacher/model": _demo_teacher,
+    "../../../data/text_bed/tokenizer": _text_bed_tokenizer,     # as the bed's model files under models/ write it
+    "../../runs/text_bed/gap/teachers/m/model": lambda root: _text_bed_teacher(root, "m"),
 }
 
 
@@ -225,7 +256,7 @@ def test_every_file_is_covered_and_every_loaded_path_has_a_stand_in():
     unknown = [str(p) for p, kind in kinds.items() if kind == "unknown"]
     assert not unknown, f"configs/ holds files no test builds: {unknown}; teach tests/test_recipes_build.py their kind"
     for path, kind in kinds.items():
-        if kind == "recipe" and not _hf_family_recipe(path):
+        if kind == "model" or (kind == "recipe" and not _hf_family_recipe(path)):
             missing = _loaded_paths(yaml.safe_load(path.read_text())) - set(STAND_INS)
             assert not missing, f"{path}: add a config-only stand-in for {sorted(missing)} to STAND_INS"
 
@@ -244,8 +275,8 @@ def test_deepspeed_settings_train_one_step(path, shards, stand_in_root, tmp_path
 
 
 @pytest.mark.parametrize("path", _by_kind("model"))
-def test_model_file_builds_and_takes_one_optimizer_step(path):
-    model = build_model(yaml.safe_load(path.read_text()))
+def test_model_file_builds_and_takes_one_optimizer_step(path, stand_in_root):
+    model = build_model(_replace_paths(yaml.safe_load(path.read_text()), stand_in_root))
     model.train()
     if model.kind == "composed":
         ids, mask, pixels, _ = interleaved_batch(model)
