@@ -34,8 +34,29 @@ def hidden_at(model, inputs: dict) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs["loss_positions"])
 
 
+def sparse_tied_embedding_grad(student, zero_stage: int) -> bool:
+    """When the student's input embedding IS its lm_head weight, make the embedding's backward sparse.
+
+    The chunked loss returns a dense [V, H] gradient for the lm_head weight in every micro-batch; a dense
+    embedding backward would zero-fill a second [V, H] tensor (148 MB at V = 151,936, H = 256 in fp32;
+    467 MB for a 1.5B student in bf16) and scatter the batch's few hundred rows into it, before autograd
+    sums the two. A sparse one hands over only those rows, which autograd adds in place into the dense
+    lm_head gradient: W.grad stays one dense tensor (AdamW and DeepSpeed see no sparse gradient) and the
+    peak holds one [V, H] gradient instead of two. Untied weights are left alone (their .grad would be
+    sparse), and so is ZeRO-3, whose partitioned gradient hooks are not checked with it. Returns whether
+    it was switched on."""
+    weight = student.output_weight()
+    if zero_stage >= 3 or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+        return False
+    tied = [m for m in student.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
+    for embedding in tied:
+        embedding.sparse = True
+    return bool(tied)
+
+
 class DistillationObjective(nn.Module):
-    def __init__(self, student: nn.Module, loss_fn: DistillationLoss, vocab_size: int, chunk_size: Optional[int] = None):
+    def __init__(self, student: nn.Module, loss_fn: DistillationLoss, vocab_size: int, chunk_size: Optional[int] = None,
+                 zero_stage: int = 0):
         super().__init__()
         self.student = student
         self.loss_fn = loss_fn
@@ -46,6 +67,7 @@ class DistillationObjective(nn.Module):
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, weight)
+        self.sparse_embedding_grad = sparse_tied_embedding_grad(student, zero_stage)
 
     def forward(self, student_inputs: dict, teacher: Optional[TeacherSource] = None,
                 denominator: Optional[float] = None) -> torch.Tensor:

@@ -98,7 +98,8 @@ class Trainer:
         self.cache = open_teacher_cache(cfg, self.student_model)
         self.vocab_size = len(self.student_model.tokenizer)  # rows compared with the teacher
         self.loss_fn = build_loss_fn(cfg)
-        objective = DistillationObjective(self.student_model, self.loss_fn, self.vocab_size, cfg.loss.chunk_size)
+        objective = DistillationObjective(self.student_model, self.loss_fn, self.vocab_size, cfg.loss.chunk_size,
+                                          zero_stage=int(cfg.deepspeed.zero_stage))
         objective.train()
         self.params = [p for p in objective.parameters() if p.requires_grad]
         optimizer, self.scheduler = build_optimizer(cfg, self.params)
