@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from pathlib import Path
 from typing import Any
 
 from .config_checks import check_keys, choose
 
 BUILTIN_TOKENIZERS = ("tiny",)
+
+# Files a Hugging Face tokenizer folder may load from (a model folder also holds weights: never hashed).
+_TOKENIZER_FILE_HINTS = ("token", "vocab", "merges", "special", "chat_template", "added", ".model", ".tiktoken")
+# Tokenizers loaded in this process, by the content of their files: teacher and student of one family
+# usually ship byte-identical tokenizers in different folders, and a Qwen2 tokenizer holds ~144 MB of
+# resident memory (measured: benchmarks/peer_bench.py's student and teacher folders). Weak values: a
+# tokenizer lives as long as a model that uses it. Nothing in taid_vlm mutates a loaded tokenizer
+# (image tokens must already be in it, see image_token_id), so sharing one object is safe.
+_LOADED: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """sha256 over the names and bytes of the folder's tokenizer files (not its weights), and the model
+    type in its config.json, from which AutoTokenizer picks a class when tokenizer_config.json names none."""
+    import json
+
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            digest.update(str(json.loads(config.read_text()).get("model_type")).encode() + b"\0")
+        except (ValueError, AttributeError):
+            digest.update(config.read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.is_file() and any(h in p.name.lower() for h in _TOKENIZER_FILE_HINTS)):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def load_tokenizer(cfg: Any, where: str = "model.tokenizer"):
@@ -25,9 +53,14 @@ def load_tokenizer(cfg: Any, where: str = "model.tokenizer"):
     path = Path(cfg["path"]).expanduser()
     if not path.is_dir():
         raise ValueError(f"{where}.path: {str(path)!r} is not a local directory")
-    from transformers import AutoTokenizer
+    key = tokenizer_fingerprint(path)
+    tokenizer = _LOADED.get(key)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        _LOADED[key] = tokenizer
+    return tokenizer
 
 
 def image_token_id(tokenizer, image_token: str, where: str) -> int:
