@@ -279,6 +279,8 @@ def run_benchmark(cmd: Command, ws: Workspace) -> None:
         "cache_bench.py": ["--steps", "5",  # it drops the first 3 steps
                            "--out", str(ws.root / "cache_bench"), "--fidelity-tokens", "2",
                            "--e2e-steps", "2", "--teacher-steps", "2"],
+        # the docs run it on the real-text bed (--text-bed .), which a test workspace has not built: the tiny bed
+        "cache_e2e.py": ["--steps", "2", "--teacher-steps", "2", "--losses", "taid", "--out", str(ws.root / "cache_e2e")],
     }[script]
     if "--gpu" in cmd.argv:
         import torch
@@ -340,6 +342,7 @@ RULES = [
     Rule(r"python -m data_tools\.check_shards \S+( --json)?", run_check_shards),
     Rule(r"python -m data_tools\.synth_shapes --out \S+ --n \d+ --seed \d+( --text-only)?", run_synth_shapes),
     Rule(r"(python )?benchmarks/\w+_bench\.py( .*)?", run_benchmark, slow=True, fast_check=help_only),
+    Rule(r"(python )?benchmarks/cache_e2e\.py( .*)?", run_benchmark, slow=True, fast_check=help_only),
     Rule(r"taid-vlm compare configs/demo/distill\.yaml .*", run_compare_demo, slow=True, fast_check=parse_compare),
     # three teachers trained for 1,000 steps each: too long even for the slow tests; the study is validated
     Rule(r"taid-vlm compare configs/demo/capacity_gap\.yaml .*", parse_compare),
