@@ -2,6 +2,7 @@
 
   python benchmarks/data_bench.py [--n 200] [--sizes 224 448]
   python benchmarks/data_bench.py --qwen [--n 100] [--rounds 3]   # Qwen2.5-VL, default resolution, 1024x768 JPEGs
+  python benchmarks/data_bench.py --qwen --photos DIR              # the same on your photos, made 1024x768
 
 Writes a shard of synthetic-photo JPEGs (noise + gradients, quality 90) per size, then runs the exact
 per-sample work of a DataLoader worker (read_shard -> decode_sample -> Renderer for ONE model with a
@@ -49,14 +50,34 @@ def photo(size: int, rng: np.random.Generator, width: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def make_shard(path: str, size: int, n: int, width: int = 0) -> None:
+def real_photos(folder: Path, size: int, width: int) -> list:
+    """Every JPEG/PNG in ``folder`` as a width x size JPEG (quality 90): centre-cropped to that aspect ratio,
+    then resized with PIL's bicubic (photos smaller than that are upscaled, which makes them smoother, i.e.
+    cheaper to decode, than a native photo of that size)."""
+    from PIL import ImageOps
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    out = []
+    for f in files:
+        img = ImageOps.fit(Image.open(f).convert("RGB"), (width, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    if not out:
+        raise SystemExit(f"--photos {folder}: no .jpg/.jpeg/.png files there")
+    return out
+
+
+def make_shard(path: str, size: int, n: int, width: int = 0, photos: list = None) -> None:
+    """n samples; the JPEGs are synthetic (noise + gradients) or cycle through ``photos``."""
     rng = np.random.default_rng(0)
     with wds.TarWriter(path, mtime=0) as w:
         for i in range(n):
             conv = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
                     {"from": "gpt", "value": "A photo with a smooth gradient from blue to red, some noise, "
                                              "and no clear object in the center or the corners."}]
-            w.write({"__key__": f"s{i:06d}", "jpg": photo(size, rng, width), "json": json.dumps({"conversations": conv})})
+            jpg = photos[i % len(photos)] if photos else photo(size, rng, width)
+            w.write({"__key__": f"s{i:06d}", "jpg": jpg, "json": json.dumps({"conversations": conv})})
 
 
 def clip_spec(size: int, tok) -> InputSpec:
@@ -221,6 +242,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     ap.add_argument("--qwen", action="store_true", help="Qwen2.5-VL processor on 1024x768 JPEGs instead")
     ap.add_argument("--rounds", type=int, default=3, help="--qwen: alternated passes per path (median)")
+    ap.add_argument("--photos", type=Path, help="--qwen: a folder of photos (made 1024x768) instead of synthetic JPEGs")
     a = ap.parse_args()
     import torch
 
@@ -228,7 +250,11 @@ def main() -> int:
     if a.qwen:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "qwen.tar")
-            make_shard(path, 768, a.n, width=1024)
+            photos = real_photos(a.photos, 768, 1024) if a.photos else None
+            make_shard(path, 768, a.n, width=1024, photos=photos)
+            if photos:
+                print(f"{len(photos)} photos from {a.photos}, {sum(map(len, photos)) / len(photos) / 1024:.0f} KiB each "
+                      f"on average as 1024x768 JPEGs (quality 90)")
             spec = qwen_spec()
             sample = next(iter(read_shard(path, SkipCounter())))
             r = Renderer(spec, 8192)(decode_sample(sample))
