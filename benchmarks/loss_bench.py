@@ -150,12 +150,16 @@ def measure_matmul_tflops(device: str, size: int = 8192, reps: int = 10) -> floa
     return 2 * size**3 / seconds / 1e12
 
 
-def run_child(spec: dict, timeout_s=None):
+# --kernels: which closed form the fused path runs on a GPU (losses/closed_form.py picks by this variable)
+KERNEL_ENV = {"auto": {}, "torch": {"TAID_VLM_TRITON": "0"}}
+
+
+def run_child(spec: dict, timeout_s=None, kernel: str = "auto"):
     """One (path, loss, size) in a fresh process; None (and the reason printed) if it fails or times out."""
     what = f"  {spec['path']} {spec['loss_name']} N={spec['n']} H={spec['h_s']}"
     try:
         proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)],
-                              capture_output=True, text=True, env=CHILD_ENV, timeout=timeout_s)
+                              capture_output=True, text=True, env={**CHILD_ENV, **KERNEL_ENV[kernel]}, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         print(f"{what}: stopped after --child-timeout {timeout_s:.0f} s", flush=True)
         return None
@@ -187,6 +191,9 @@ def main():
     ap.add_argument("--matmul-tflops", type=float, help="bf16 matmul rate for the floor (GPU: measured if not given)")
     ap.add_argument("--chunk-sizes", default="auto",
                     help="fused path's token chunk sizes, comma-separated (auto: the library default); a row each")
+    ap.add_argument("--kernels", default="auto",
+                    help="fused path's closed form, comma-separated: auto (the fused Triton kernel on a GPU, torch "
+                         "on a CPU), torch (the torch closed form everywhere); a row each")
     ap.add_argument("--child-timeout", type=float, help="seconds one (path, loss, size) process may take")
     ap.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel's fused JSD out")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -207,7 +214,7 @@ def main():
           + (f" bf16 matmul={tflops:.0f} TFLOP/s" if tflops else ""), flush=True)
     if liger_skip:
         print(liger_skip, flush=True)
-    header = (f"{'loss':<6} {'chunk':>5} {'N':>6} {'H_s':>5} {'H_t':>5} | {'full MiB':>9} {'fused MiB':>9} {'mem %':>6} | "
+    header = (f"{'loss':<6} {'chunk':>10} {'N':>6} {'H_s':>5} {'H_t':>5} | {'full MiB':>9} {'fused MiB':>9} {'mem %':>6} | "
               f"{'full ms':>9} {'fused ms':>9} {'speedup':>7} | {'floor ms':>8} {'/floor':>6} | "
               f"{'liger MiB':>9} {'liger ms':>9} {'/liger':>6} | {'|dvalue|':>9}")
     print(header)
@@ -222,8 +229,11 @@ def main():
             full = child(path="full", loss_name=loss_name)
             for chunk in args.chunk_sizes.split(","):
                 chunk_size = None if chunk == "auto" else int(chunk)
-                fused = child(path="fused", loss_name=loss_name, chunk_size=chunk_size)
-                rows.append(table_row(loss_name, chunk, base, full, fused, liger, tflops))
+                for kernel in args.kernels.split(","):
+                    fused = run_child(dict(base, path="fused", loss_name=loss_name, chunk_size=chunk_size),
+                                      args.child_timeout, kernel)
+                    label = chunk if kernel == "auto" else f"{chunk}/{kernel}"
+                    rows.append(table_row(loss_name, label, base, full, fused, liger, tflops))
                 if args.json:  # after every row: a run stopped part-way keeps what it measured
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)
@@ -244,7 +254,7 @@ def table_row(loss_name, chunk, base, full, fused, liger, tflops) -> dict:
                fused_over_liger=_ratio(get(fused, "median_s"), get(liger, "median_s")),
                liger_value=get(liger, "value"),
                value_diff=None if full is None or fused is None else abs(full["value"] - fused["value"]))
-    print(f"{loss_name:<6} {chunk:>5} {n:>6} {h_s:>5} {h_t:>5} | {_fmt(row['full_mib'], '9.0f')} {_fmt(row['fused_mib'], '9.0f')} "
+    print(f"{loss_name:<6} {chunk:>10} {n:>6} {h_s:>5} {h_t:>5} | {_fmt(row['full_mib'], '9.0f')} {_fmt(row['fused_mib'], '9.0f')} "
           f"{_fmt(row['mem_ratio'], '5.1f', 100)}% | {_fmt(row['full_s'], '9.1f', 1e3)} {_fmt(row['fused_s'], '9.1f', 1e3)} "
           f"{_fmt(row['speedup'], '6.2f')}x | {_fmt(floor_s, '8.1f', 1e3)} {_fmt(row['fused_over_floor'], '5.2f')}x | "
           f"{_fmt(row['liger_mib'], '9.0f')} {_fmt(row['liger_s'], '9.1f', 1e3)} {_fmt(row['fused_over_liger'], '5.2f')}x | "

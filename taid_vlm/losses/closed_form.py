@@ -22,6 +22,7 @@ returned gradient aliases the student buffer.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -51,6 +52,20 @@ def _add_label_ce(values, grad, probs, y_logq, labels, ce_weight):
     return values
 
 
+def _use_triton(student_logits: torch.Tensor, target_logits: torch.Tensor) -> bool:
+    """CUDA buffers with contiguous rows go to the fused Triton kernel (triton_kl.py) unless
+    TAID_VLM_TRITON=0; a machine without Triton keeps the torch closed form."""
+    if not (student_logits.is_cuda and target_logits.is_cuda) or os.environ.get("TAID_VLM_TRITON", "1") == "0":
+        return False
+    if student_logits.stride(-1) != 1 or target_logits.stride(-1) != 1:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def forward_kl_and_grad(
     student_logits: torch.Tensor,
     target_logits: torch.Tensor,
@@ -64,6 +79,10 @@ def forward_kl_and_grad(
     `student_weight_in_target` = 1 - t gives TAID's target: softmax is shift-invariant per row, so
     (1 - t) * log q stands in for (1 - t) * z_student.
     """
+    if _use_triton(student_logits, target_logits):
+        from .triton_kl import forward_kl_rows
+
+        return forward_kl_rows(student_logits, target_logits, labels, ce_weight, student_weight_in_target)
     scratch = torch.empty_like(student_logits) if scratch is None else scratch
     logq = _log_softmax_(student_logits, scratch)
     if student_weight_in_target:
