@@ -56,10 +56,15 @@ def real_photos(folder: Path, size: int, width: int) -> list:
     cheaper to decode, than a native photo of that size)."""
     from PIL import ImageOps
 
+    if not folder.is_dir():
+        raise SystemExit(f"--photos {folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     out = []
     for f in files:
-        img = ImageOps.fit(Image.open(f).convert("RGB"), (width, size), Image.BICUBIC)
+        try:
+            img = ImageOps.fit(Image.open(f).convert("RGB"), (width, size), Image.BICUBIC)
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise SystemExit(f"--photos: {f} is not a readable image ({e})") from None
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
