@@ -36,11 +36,13 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def signal_at_step(cmd: list[str], out: Path, at_step: int, signum: int) -> subprocess.CompletedProcess:
-    """Start a run, send `signum` once it has logged `at_step`, return the finished process."""
+def signal_at_step(cmd: list[str], out: Path, at_step: int, signum: int, group: bool = False) -> subprocess.CompletedProcess:
+    """Start a run, send `signum` once it has logged `at_step` (to the run's whole process group, as a
+    terminal's Ctrl-C, `timeout` or a cluster scheduler do, when `group`), return the finished process."""
     log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while we wait
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                start_new_session=group)
         try:
             while True:
                 if (out / "metrics.jsonl").exists() and max(step_losses(out), default=0) >= at_step:
@@ -48,7 +50,10 @@ def signal_at_step(cmd: list[str], out: Path, at_step: int, signum: int) -> subp
                 if proc.poll() is not None:
                     pytest.fail(f"the run ended before step {at_step}: {log.read_text()[-3000:]}")
                 time.sleep(0.02)
-            proc.send_signal(signum)
+            if group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
             proc.wait(timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
@@ -102,6 +107,27 @@ def test_sigint_finishes_the_step_saves_and_exits_with_a_message(shapes_text, tm
     assert "--resume" in error_line(fails(train_cmd("tiny_text.yaml", out, *common)))
     run(train_cmd("tiny_text.yaml", out, *common, "--resume"), timeout=TIMEOUT)
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_process_group_with_loader_workers_saves_and_resumes_exactly(shapes_text, tmp_path, signum, code):
+    """DataLoader workers get the group's signal too; they must not die of it mid-step (the main process
+    used to raise "DataLoader worker ... is killed by signal" and lose the step and the checkpoint)."""
+    steps = 12
+    common = [*data(shapes_text), f"train.total_steps={steps}", "data.num_workers=2"]
+    full = tmp_path / "full"
+    run(train_cmd("tiny_text.yaml", full, *common), timeout=TIMEOUT)
+    out = tmp_path / "stopped"
+    proc = signal_at_step(train_cmd("tiny_text.yaml", out, *common), out, 3, signum, group=True)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr[-3000:]
+    step = [r for r in records(out) if r.get("event") == "stopped"][0]["step"]
+    assert (out / "checkpoints" / f"step{step:08d}" / "COMPLETE").is_file()
+    run(train_cmd("tiny_text.yaml", out, *common, "--resume"), timeout=TIMEOUT)
+    want, got = step_losses(full), step_losses(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert got[s] == pytest.approx(want[s], rel=0, abs=1e-6), (step, s)
 
 
 SECOND_SIGNAL = textwrap.dedent(

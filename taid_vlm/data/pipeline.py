@@ -73,6 +73,19 @@ def _identity(x):
     return x
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM (and SIGINT, which PyTorch's workers already survive). `timeout`,
+    SLURM, Kubernetes and a terminal signal the whole process GROUP: a worker killed by SIGTERM made the
+    main process raise "DataLoader worker ... is killed by signal" in the middle of a step, before
+    train/signals.py could finish the step and checkpoint (tests/test_run_safety.py). The main process
+    stops gracefully and then shuts its workers down; a worker whose main process dies anyway exits
+    through the DataLoader's own parent watchdog."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class NoUsableSampleError(UserError, RuntimeError):
     """A full pass over the shards found no sample that can be trained on (the message lists why)."""
 
@@ -554,7 +567,8 @@ class Loader:
     def _dataloader(self, stream: SampleStream):
         kw: Dict[str, Any] = {}
         if self.num_workers > 0:
-            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}
+            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context,
+                  "worker_init_fn": ignore_stop_signals}
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                pin_memory=self.pin_memory, **kw))
 
