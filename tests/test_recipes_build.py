@@ -68,15 +68,18 @@ def _tokenizer_folder(root: Path) -> str:
 
 def _qwen2_folder(root: Path, name: str, hidden: int, layers: int) -> str:
     """A Qwen2 causal LM folder (with its tokenizer), as `llm: {path: ...}` / `tokenizer: {path: ...}` load."""
+    return _qwen2_with_tokenizer(root / name, _tokenizer_folder(root), hidden_size=hidden,
+                                 intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def _qwen2_with_tokenizer(out: Path, tokenizer_dir: str, **geometry) -> str:
+    """A seeded random Qwen2ForCausalLM of ``geometry`` saved with the tokenizer of ``tokenizer_dir`` (once)."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    out = root / name
     if not out.is_dir():
-        tok = AutoTokenizer.from_pretrained(_tokenizer_folder(root))
-        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=8192,
-                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        cfg = Qwen2Config(**geometry, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         torch.manual_seed(0)
         Qwen2ForCausalLM(cfg).save_pretrained(out)
         tok.save_pretrained(out)
@@ -134,18 +137,9 @@ def _text_bed_tokenizer(root: Path) -> str:
 def _text_bed_teacher(root: Path, size: str) -> str:
     """A text-bed teacher as `taid-vlm export` leaves it: a Qwen2 causal LM folder of the model file's geometry
     with the bed's tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    out = root / f"text-bed-teacher-{size}"
-    if not out.is_dir():
-        tok = AutoTokenizer.from_pretrained(_text_bed_tokenizer(root))
-        geometry = yaml.safe_load((CONFIGS / f"text_bed/models/teacher_{size}.yaml").read_text())["llm"]["config"]
-        cfg = Qwen2Config(**{k: v for k, v in geometry.items() if k != "model_type"}, vocab_size=len(tok),
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(cfg).save_pretrained(out)
-        tok.save_pretrained(out)
-    return str(out)
+    geometry = yaml.safe_load((CONFIGS / f"text_bed/models/teacher_{size}.yaml").read_text())["llm"]["config"]
+    return _qwen2_with_tokenizer(root / f"text-bed-teacher-{size}", _text_bed_tokenizer(root),
+                                 **{k: v for k, v in geometry.items() if k != "model_type"})
 
 
 def _demo_teacher(root: Path) -> str:
