@@ -29,6 +29,19 @@ FORMATS = {  # name -> cache_teacher arguments (None: the online teacher)
 LOSS_PARAMS = {"taid": "loss.params={t_start: 0.4, t_end: 1.0, alpha: 5.0e-4, beta: 0.99}", "rkl": "loss.params={}"}
 
 
+def causal_lm_spec(folder: Path, tokenizer: dict) -> dict:
+    """The model config of an exported Hugging Face causal-LM folder (teacher or student)."""
+    return {"type": "causal_lm", "dtype": "float32", "tokenizer": tokenizer,
+            "llm": {"path": str(folder), "attn_implementation": "sdpa"}}
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 @dataclass
 class Bed:
     name: str
@@ -50,9 +63,7 @@ def text_bed(out: Path, checkout: Path, teacher: str = "m") -> Bed:
         if not needed.is_dir():
             raise SystemExit(f"{needed} does not exist: build the text bed and its teachers first (docs/results.md)")
     out.mkdir(parents=True, exist_ok=True)
-    spec = out / f"text_bed_teacher_{teacher}.yaml"
-    spec.write_text(f"type: causal_lm\ndtype: float32\ntokenizer: {{path: {model}}}\n"
-                    f"llm: {{path: {model}, attn_implementation: sdpa}}\n")
+    spec = write_spec(out / f"text_bed_teacher_{teacher}.yaml", causal_lm_spec(model, {"path": str(model)}))
     data = checkout / "data/text_bed"
     return Bed(f"text bed, teacher {teacher}", "configs/text_bed/distill.yaml", spec, {"path": str(tokenizer)},
                [f"data.train={data}/train/text-000000.tar", f"data.val={data}/val"])
@@ -69,10 +80,7 @@ def _train_teacher(out: Path, steps: int, taid_vlm: str, sh: Callable) -> Path:
             "loss.params={}", f"train.total_steps={steps}", "train.micro_batch_size=8", "optim.lr=3e-3",
             "train.progress_bar=false", "train.tensorboard=false", "train.save_every=0"])
         sh([taid_vlm, "export", str(run), str(model)])
-    spec = out / "teacher.yaml"  # the exported Hugging Face folder as a causal_lm teacher
-    spec.write_text(f"type: causal_lm\ndtype: float32\ntokenizer: {{builtin: tiny}}\n"
-                    f"llm: {{path: {model}, attn_implementation: sdpa}}\n")
-    return spec
+    return write_spec(out / "teacher.yaml", causal_lm_spec(model, {"builtin": "tiny"}))
 
 
 def held_out_metrics(student_dir: Path, bed: Bed) -> Dict[str, float]:
@@ -91,9 +99,7 @@ def held_out_metrics(student_dir: Path, bed: Bed) -> Dict[str, float]:
     ensure_synthetic_data(cfg, 0)  # tiny_text's held-out split, in a fresh checkout too (the docs test runs there)
     import yaml
 
-    hf_model = {"type": "causal_lm", "dtype": "float32", "tokenizer": bed.tokenizer,
-                "llm": {"path": str(student_dir), "attn_implementation": "sdpa"}}
-    student = build_role_model(hf_model, "student").eval()
+    student = build_role_model(causal_lm_spec(student_dir, bed.tokenizer), "student").eval()
     teacher = build_role_model(yaml.safe_load(bed.teacher.read_text()), "teacher").eval()
     v = len(student.tokenizer)
     loader = build_loader(shard_paths(cfg, cfg.data.val), student.input_spec, teacher.input_spec, mode="eval",
