@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 15 in one run of at most ~6 minutes, for a lent GPU machine:
 #   env.log          wheels installed from .whl/, nvidia-smi, versions, the bf16 matmul rate (8192^3)
-#   loss_bench.log   benchmarks/loss_bench.py: fused TAID / FKL (our Triton kernel, and the torch closed
-#                    form as "auto/torch") vs full logits vs Liger's fused JSD,
+#   loss_bench.log   benchmarks/loss_bench.py: fused TAID / FKL (the torch closed form, and our Triton
+#                    kernel as "auto/triton") vs full logits vs Liger's fused JSD,
 #   loss_bench.json  N = 16,384, V = 151,936, H_s = H_t = 1536 and 3584, bf16
 #   train_bench.log  benchmarks/train_bench.py --gpu: Qwen2-1.5B student <- Qwen2-7B teacher, tokens/s and MFU
 #   suite.log        one line per part: exit status and seconds
@@ -75,13 +75,13 @@ if [ "$SMOKE" = 1 ]; then
     SIZES=64x32x32,64x48x48
     VOCAB=(--vocab 4096)
     TRAIN=(--gpu --smoke --steps 4 --warmup 1 --seq 256 --micro-batch 2 --trainer-timeout 240)
-    LOSS_LIMIT=300; TRAIN_LIMIT=300; CHUNKS=auto,16; CHILD_LIMIT=240
+    LOSS_LIMIT=300; TRAIN_LIMIT=300; CHUNKS=auto,16; CHILD_LIMIT=240; KERNELS=torch
 else
     DEVICE=(--device cuda --dtype bfloat16)
     SIZES=16384x1536x1536,16384x3584x3584
     VOCAB=()
     TRAIN=(--gpu --steps 10 --warmup 3 --trainer-timeout ${TRAINER_TIMEOUT:-145})
-    LOSS_LIMIT=${LOSS_LIMIT:-150}; TRAIN_LIMIT=${TRAIN_LIMIT:-160}; CHUNKS=${CHUNKS:-auto}; CHILD_LIMIT=45
+    LOSS_LIMIT=${LOSS_LIMIT:-150}; TRAIN_LIMIT=${TRAIN_LIMIT:-160}; CHUNKS=${CHUNKS:-auto}; CHILD_LIMIT=45; KERNELS=torch,triton
 fi
 
 MATMUL=()
@@ -93,7 +93,7 @@ if [ "$SMOKE" != 1 ]; then
 fi
 
 part loss_bench "$LOSS_LIMIT" $PY benchmarks/loss_bench.py "${DEVICE[@]}" "${VOCAB[@]}" --sizes "$SIZES" \
-    --losses taid,fkl --chunk-sizes "$CHUNKS" --kernels auto,torch --reps 5 --child-timeout "$CHILD_LIMIT" "${MATMUL[@]}" --json "$OUT/loss_bench.json"
+    --losses taid,fkl --chunk-sizes "$CHUNKS" --kernels "$KERNELS" --reps 5 --child-timeout "$CHILD_LIMIT" "${MATMUL[@]}" --json "$OUT/loss_bench.json"
 part train_bench "$TRAIN_LIMIT" $PY benchmarks/train_bench.py "${TRAIN[@]}"
 { echo "torch extensions built (JIT) during the suite:"; ls -R "$TORCH_EXTENSIONS_DIR" 2>/dev/null || echo "  none"; } \
     | tee -a "$OUT/suite.log"

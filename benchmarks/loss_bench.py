@@ -151,10 +151,10 @@ def measure_matmul_tflops(device: str, size: int = 8192, reps: int = 10) -> floa
 
 
 # --kernels: which closed form the fused path runs on a GPU (losses/closed_form.py picks by this variable)
-KERNEL_ENV = {"auto": {}, "torch": {"TAID_VLM_TRITON": "0"}}
+KERNEL_ENV = {"torch": {"TAID_VLM_TRITON": "0"}, "triton": {"TAID_VLM_TRITON": "1"}}
 
 
-def run_child(spec: dict, timeout_s=None, kernel: str = "auto"):
+def run_child(spec: dict, timeout_s=None, kernel: str = "torch"):
     """One (path, loss, size) in a fresh process; None (and the reason printed) if it fails or times out."""
     what = f"  {spec['path']} {spec['loss_name']} N={spec['n']} H={spec['h_s']}"
     try:
@@ -191,9 +191,9 @@ def main():
     ap.add_argument("--matmul-tflops", type=float, help="bf16 matmul rate for the floor (GPU: measured if not given)")
     ap.add_argument("--chunk-sizes", default="auto",
                     help="fused path's token chunk sizes, comma-separated (auto: the library default); a row each")
-    ap.add_argument("--kernels", default="auto",
-                    help="fused path's closed form, comma-separated: auto (the fused Triton kernel on a GPU, torch "
-                         "on a CPU), torch (the torch closed form everywhere); a row each")
+    ap.add_argument("--kernels", default="torch",
+                    help="fused path's closed form, comma-separated: torch (the default), triton (the fused Triton "
+                         "kernel, TAID_VLM_TRITON=1; GPU only); a row each")
     ap.add_argument("--child-timeout", type=float, help="seconds one (path, loss, size) process may take")
     ap.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel's fused JSD out")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -232,7 +232,7 @@ def main():
                 for kernel in args.kernels.split(","):
                     fused = run_child(dict(base, path="fused", loss_name=loss_name, chunk_size=chunk_size),
                                       args.child_timeout, kernel)
-                    label = chunk if kernel == "auto" else f"{chunk}/{kernel}"
+                    label = chunk if kernel == "torch" else f"{chunk}/{kernel}"
                     rows.append(table_row(loss_name, label, base, full, fused, liger, tflops))
                 if args.json:  # after every row: a run stopped part-way keeps what it measured
                     with open(args.json, "w") as f:
