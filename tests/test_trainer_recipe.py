@@ -69,6 +69,32 @@ def test_recipe_steps_save_and_resume_in_process(small_text, tmp_path, one_proce
 
 
 @pytest.mark.slow
+def test_resume_applies_the_optimizer_settings_of_the_new_config(small_text, tmp_path, one_process_group):
+    """The checkpoint restores AdamW's hyper-parameters and the schedule's base LR as they were saved;
+    a resumed run must train with the lr / betas / eps / weight decay its config now says, on the
+    schedule's position at the step reached (the schedule's shape comes from the new config too)."""
+    from taid_vlm.train.lr_schedule import lr_factor
+
+    first = Trainer(config(small_text, tmp_path / "run")).setup().resume()
+    for _ in range(3):
+        first.train_step()
+    first.save()
+
+    changed = ["train.resume=true", "optim.lr=2.5e-4", "optim.weight_decay=0.05", "optim.betas=[0.8,0.99]",
+               "optim.eps=1e-6", "train.total_steps=10"]
+    again = Trainer(config(small_text, tmp_path / "run", *changed)).setup().resume()
+    assert again.step == 3
+    expected_lr = 2.5e-4 * lr_factor(3, 10, again.cfg.optim)
+    assert again.scheduler.base_lrs == [2.5e-4] * len(again.scheduler.base_lrs)
+    assert again.scheduler.get_last_lr()[0] == pytest.approx(expected_lr, rel=1e-12)
+    for group in again.scheduler.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(expected_lr, rel=1e-12)
+        assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.05, (0.8, 0.99), 1e-6)
+    assert math.isfinite(again.train_step()["loss"])
+    assert again.scheduler.get_last_lr()[0] == pytest.approx(2.5e-4 * lr_factor(4, 10, again.cfg.optim), rel=1e-12)
+
+
+@pytest.mark.slow
 def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(small_text, tmp_path, one_process_group):
     sft = ["loss.name=ce", "loss.params={}"]
     with_teacher = Trainer(config(small_text, tmp_path / "a", *sft)).setup().resume()

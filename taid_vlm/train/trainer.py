@@ -37,6 +37,7 @@ from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard, parameter_norm
 from .launch_env import all_reduce_sum, init_distributed
+from .lr_schedule import apply_optim_config
 from .metrics_log import MetricsLog
 from .objective import DistillationObjective, step_denominator, step_loss
 from .run_summary import summary_lines
@@ -146,7 +147,9 @@ class Trainer:
             self.loss_fn.load_schedule_state(client["schedule"])
             self.train_loader.load_state_dict(client["data"])
             ckpt.set_rng_state(ckpt.load_rank_state(found, self.rank)["rng"])
-            log.info("resumed from %s at step %d", found, self.step)
+            changed = apply_optim_config(self.scheduler, cfg.optim)
+            log.info("resumed from %s at step %d%s", found, self.step,
+                     f"; applied the config's {', '.join(changed)}" if changed else "")
         self.metrics = MetricsLog(self.out_dir, self.rank == 0, cfg.train.total_steps, self.step,
                                   cfg.train.progress_bar, cfg.train.tensorboard)
         if found is not None:
