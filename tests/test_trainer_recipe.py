@@ -95,6 +95,33 @@ def test_resume_applies_the_optimizer_settings_of_the_new_config(small_text, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("max_length", [64, 256])
+def test_metrics_count_the_samples_used_and_cut_to_max_length(small_text, tmp_path, one_process_group, max_length):
+    """Every logged step says how many samples were used and how many of them were cut to
+    data.max_length; the end record too. Each step takes 4 sample positions of the global order, so
+    used + skipped = 4 x steps: at 64 tokens some samples are too long even after the cut (skipped,
+    too_long), others are cut and kept; at 256 none is cut."""
+    import json
+
+    run = Trainer(config(small_text, tmp_path / "run", f"data.max_length={max_length}", "train.total_steps=3",
+                         "train.log_every=1", "train.save_every=0")).setup().resume()
+    run.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    end = next(r for r in records if r.get("event") == "end")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["samples_used"] + sum(r["skipped_samples"].values()) == 4 * r["step"]
+    assert end["samples_used"] == steps[-1]["samples_used"] == run.train_loader.stats["samples"]
+    assert end["truncated_samples"] == steps[-1]["truncated_samples"] == run.train_loader.stats.get("truncated", 0)
+    if max_length == 64:
+        assert 0 < end["truncated_samples"] < end["samples_used"] < 12
+        assert set(steps[-1]["skipped_samples"]) == {"too_long"}
+    else:
+        assert end["truncated_samples"] == 0 and end["samples_used"] == 12
+
+
+@pytest.mark.slow
 def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(small_text, tmp_path, one_process_group):
     sft = ["loss.name=ce", "loss.params={}"]
     with_teacher = Trainer(config(small_text, tmp_path / "a", *sft)).setup().resume()

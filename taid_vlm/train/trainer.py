@@ -273,6 +273,7 @@ class Trainer:
             "grad_norm": record["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
             "supervised_tokens": record["supervised_tokens"], "skipped_micro_batches": record["skipped_micro_batches"],
             "dropped_micro_batches": self.dropped_total, "skipped_samples": self.train_loader.skips.as_dict(),
+            **self._data_counters(),
         }
         if self.loss_fn.t is not None:
             self.last["t"] = self.loss_fn.t
@@ -311,11 +312,23 @@ class Trainer:
         zero3 = self.cfg.deepspeed.zero_stage == 3
         return parameter_norm(self.engine.module, zero3, lambda v: all_reduce_sum(v, self.device))
 
+    def _data_counters(self) -> dict[str, int]:
+        """This rank's training samples so far (kept across resume): used, cut to data.max_length, and the
+        supervised tokens dropped because the two tokenizers did not align them."""
+        stats = self.train_loader.stats
+        return {"samples_used": stats.get("samples", 0), "truncated_samples": stats.get("truncated", 0),
+                "unaligned_tokens_dropped": stats.get("unaligned_tokens_dropped", 0)}
+
     def close(self) -> None:
-        skips = self.train_loader.skips
+        skips, counts = self.train_loader.skips, self._data_counters()
         if self.rank == 0:
             log.info("skipped samples: %s", skips.summary())
-        self.metrics.write({"event": "end", "step": self.step, "skipped_samples": skips.as_dict()})
+            used, cut = counts["samples_used"], counts["truncated_samples"]
+            log.info("samples used%s: %d, %d of them (%.1f %%) cut to data.max_length %d%s",
+                     " (rank 0)" if self.world > 1 else "", used, cut, 100.0 * cut / max(used, 1),
+                     self.cfg.data.max_length, f"; {counts['unaligned_tokens_dropped']} unaligned supervised tokens "
+                     "dropped" if counts["unaligned_tokens_dropped"] else "")
+        self.metrics.write({"event": "end", "step": self.step, "skipped_samples": skips.as_dict(), **counts})
         self.metrics.close()
 
 
