@@ -200,6 +200,7 @@ class Trainer:
         step_batches = [next(self.train_iter) for _ in range(accum)]
         denominator = step_denominator(step_batches, world, accum, self.device)
         losses, skipped, tokens, supervised, grad_norm = [], 0, 0.0, 0.0, None
+        lr = self.scheduler.get_last_lr()[0]  # the LR this step applies (engine.step advances the schedule)
         while len(losses) < accum:
             batch = to_device(step_batches.pop(0) if step_batches else next(self.train_iter), self.device)
             loss = self.micro_batch_loss(batch, denominator)
@@ -222,7 +223,7 @@ class Trainer:
         tokens, supervised = all_reduce_sum([tokens, supervised], self.device)
         if not self.manual_grad_norm:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"step": self.step, "loss": mean_loss, "tokens": tokens, "supervised_tokens": supervised,
+        return {"step": self.step, "loss": mean_loss, "lr": lr, "tokens": tokens, "supervised_tokens": supervised,
                 "skipped_micro_batches": skipped, "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
     def micro_batch_loss(self, batch: dict, denominator: Optional[float] = None) -> torch.Tensor:
@@ -269,7 +270,7 @@ class Trainer:
             return
         elapsed = time.perf_counter() - since
         self.last = {
-            "step": step, "loss": record["loss"], "lr": self.scheduler.get_last_lr()[0],
+            "step": step, "loss": record["loss"], "lr": record["lr"],
             "grad_norm": record["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
             "supervised_tokens": record["supervised_tokens"], "skipped_micro_batches": record["skipped_micro_batches"],
             "dropped_micro_batches": self.dropped_total, "skipped_samples": self.train_loader.skips.as_dict(),
