@@ -123,6 +123,29 @@ def test_metrics_count_the_samples_used_and_cut_to_max_length(small_text, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("total_steps", [3, 2])
+def test_resuming_a_finished_run_evaluates_without_rewriting_its_checkpoint(small_text, tmp_path, one_process_group,
+                                                                           total_steps):
+    """A requeued job whose run had finished (3 of 3), or one resumed with total_steps lowered below the
+    step reached (3 of 2): no step is trained, the held-out metrics are logged again, and the checkpoint
+    it was resumed from is left as it was (not written a second time)."""
+    import json
+
+    Trainer(config(small_text, tmp_path / "run", "train.total_steps=3", "train.save_every=0")).setup().resume().fit()
+    ckpt_dir = tmp_path / "run" / "checkpoints" / "step00000003"
+    before = {f.name: f.stat().st_mtime_ns for f in ckpt_dir.rglob("*") if f.is_file()}
+
+    again = Trainer(config(small_text, tmp_path / "run", "train.resume=true", f"train.total_steps={total_steps}"))
+    result = again.setup().resume().fit()
+    assert again.step == 3 and result["eval_kl"] > 0
+    assert {f.name: f.stat().st_mtime_ns for f in ckpt_dir.rglob("*") if f.is_file()} == before
+    assert sorted(d.name for d in ckpt_dir.parent.iterdir() if d.name.startswith("step")) == ["step00000003"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # nothing trained after the resume
+    assert [r["step"] for r in records if "eval_kl" in r] == [3, 3]
+
+
+@pytest.mark.slow
 def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(small_text, tmp_path, one_process_group):
     sft = ["loss.name=ce", "loss.params={}"]
     with_teacher = Trainer(config(small_text, tmp_path / "a", *sft)).setup().resume()

@@ -164,6 +164,12 @@ class Trainer:
         t = self.cfg.train
         if t.eval_at_start and self.step == 0:
             self.last.update(self.evaluate())
+        # Resumed at or past the end (a requeued job that had finished, or total_steps lowered): evaluate,
+        # but do not write the checkpoint it was resumed from again.
+        finished = self.found is not None and self.step >= t.total_steps
+        if finished and self.rank == 0:
+            log.info("the run is already at step %d (train.total_steps %d): nothing to train; evaluating only",
+                     self.step, t.total_steps)
         self._window = (0.0, time.perf_counter())
         with GracefulStop() as stop:  # SIGTERM / SIGINT: finish the step, save, raise TrainingStopped
             while self.step < t.total_steps:
@@ -175,7 +181,8 @@ class Trainer:
                 saved = self.save() if _due(self.step, t.save_every, t.total_steps) else None
                 self._stop_if_requested(stop, saved)
             self.last.update(self.evaluate())
-            self.save()
+            if not finished:
+                self.save()
         self.close()
         return self.last
 
