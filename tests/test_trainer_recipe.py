@@ -14,7 +14,7 @@ from taid_vlm.config import load_config
 from taid_vlm.losses import CachedTopKTeacher, LogitsTeacher, OnlineTeacher
 from taid_vlm.train.evaluate import metric_sums
 from taid_vlm.train.trainer import Trainer
-from tests.train_helpers import CONFIGS
+from tests.train_helpers import CONFIGS, records
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +102,12 @@ def test_metrics_count_the_samples_used_and_cut_to_max_length(small_text, tmp_pa
     data.max_length; the end record too. Each step takes 4 sample positions of the global order, so
     used + skipped = 4 x steps: at 64 tokens some samples are too long even after the cut (skipped,
     too_long), others are cut and kept; at 256 none is cut."""
-    import json
-
     run = Trainer(config(small_text, tmp_path / "run", f"data.max_length={max_length}", "train.total_steps=3",
                          "train.log_every=1", "train.save_every=0")).setup().resume()
     run.fit()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    end = next(r for r in records if r.get("event") == "end")
+    logged = records(tmp_path / "run")
+    steps = [r for r in logged if "loss" in r]
+    end = next(r for r in logged if r.get("event") == "end")
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["samples_used"] + sum(r["skipped_samples"].values()) == 4 * r["step"]
@@ -129,8 +127,6 @@ def test_resuming_a_finished_run_evaluates_without_rewriting_its_checkpoint(smal
     """A requeued job whose run had finished (3 of 3), or one resumed with total_steps lowered below the
     step reached (3 of 2): no step is trained, the held-out metrics are logged again, and the checkpoint
     it was resumed from is left as it was (not written a second time)."""
-    import json
-
     Trainer(config(small_text, tmp_path / "run", "train.total_steps=3", "train.save_every=0")).setup().resume().fit()
     ckpt_dir = tmp_path / "run" / "checkpoints" / "step00000003"
     before = {f.name: f.stat().st_mtime_ns for f in ckpt_dir.rglob("*") if f.is_file()}
@@ -140,9 +136,9 @@ def test_resuming_a_finished_run_evaluates_without_rewriting_its_checkpoint(smal
     assert again.step == 3 and result["eval_kl"] > 0
     assert {f.name: f.stat().st_mtime_ns for f in ckpt_dir.rglob("*") if f.is_file()} == before
     assert sorted(d.name for d in ckpt_dir.parent.iterdir() if d.name.startswith("step")) == ["step00000003"]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # nothing trained after the resume
-    assert [r["step"] for r in records if "eval_kl" in r] == [3, 3]
+    logged = records(tmp_path / "run")
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]  # nothing trained after the resume
+    assert [r["step"] for r in logged if "eval_kl" in r] == [3, 3]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from taid_vlm.config import ConfigError, RunConfig
+from taid_vlm.config import ConfigError, OptimConfig, RunConfig
 from taid_vlm.losses import DistillationLoss, build_loss, loss_needs_teacher
 from taid_vlm.models.config_checks import resolve_dtype
 
@@ -107,8 +107,35 @@ def build_optimizer(cfg: RunConfig, params: list):
     if not params:
         raise ConfigError("student.model.freeze: every student parameter is frozen; nothing to train")
     o = cfg.optim
-    optimizer = fused_adamw(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = fused_adamw(params, lr=o.lr, **_adamw_settings(o))
     return optimizer, build_lr_scheduler(optimizer, cfg.train.total_steps, o)
+
+
+def _adamw_settings(o: OptimConfig) -> dict:
+    """AdamW's settings from the config, the LR aside (the schedule scales it)."""
+    return {"betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+
+
+def apply_optim_config(scheduler: torch.optim.lr_scheduler.LambdaLR, optim: OptimConfig) -> list[str]:
+    """After a resume: put this config's lr, betas, eps and weight decay on the optimizer and the schedule.
+
+    Loading a checkpoint restores AdamW's param groups and the schedule's base LR as they were saved, so
+    a run resumed with a new `optim.lr` would keep training at the old one, silently. The schedule's
+    position (last_epoch) stays the checkpoint's; its shape (warmup, total steps) is already the new
+    config's, since the lambda is never saved. Returns what changed, e.g. "optim.lr: 0.001 -> 0.00025".
+    """
+    groups = scheduler.optimizer.param_groups
+    settings = _adamw_settings(optim)
+    saved = {"lr": scheduler.base_lrs[0], "betas": tuple(groups[0]["betas"]), "eps": groups[0]["eps"],
+             "weight_decay": groups[0]["weight_decay"]}
+    wanted = {"lr": optim.lr, **settings}
+    changes = [f"optim.{key}: {saved[key]} -> {value}" for key, value in wanted.items() if saved[key] != value]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    for group in groups:
+        group.update(settings, initial_lr=optim.lr, lr=optim.lr * factor)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports (no public setter)
+    return changes
 
 
 def fused_adamw(params: list, **hyper) -> torch.optim.AdamW:

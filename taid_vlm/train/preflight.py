@@ -136,7 +136,7 @@ def shard_lists(cfg: RunConfig) -> dict[str, list[str]]:
 
 # What a resumed run must share with the checkpoint: the shapes of the saved state, the objective and
 # the order of the data. Steps, the optimizer's settings (put back after loading:
-# lr_schedule.apply_optim_config), logging and evaluation may change, and so may train.grad_accum: it
+# components.apply_optim_config), logging and evaluation may change, and so may train.grad_accum: it
 # changes with the world size on an elastic resume (2 processes x 2 -> 1 x 4); the data loader's state
 # checks the step layout itself.
 RESUME_MUST_MATCH = ("student.model", "teacher.model", "teacher.cache", "loss.name", "loss.params", "loss.ce_weight",

@@ -29,15 +29,14 @@ from taid_vlm.config import ConfigError, RunConfig
 
 from . import checkpoint as ckpt
 from . import preflight
-from .components import (build_loaders, build_loss_fn, build_models, build_optimizer, build_role_model,  # noqa: F401
-                         open_teacher_cache, place_teacher)
+from .components import (apply_optim_config, build_loaders, build_loss_fn, build_models, build_optimizer,  # noqa: F401
+                         build_role_model, open_teacher_cache, place_teacher)
 from .device import to_device
 from .ds_config import student_ds_config
 from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard, parameter_norm
 from .launch_env import all_reduce_sum, init_distributed
-from .lr_schedule import apply_optim_config
 from .metrics_log import MetricsLog
 from .objective import DistillationObjective, step_denominator, step_loss
 from .run_summary import summary_lines
@@ -332,10 +331,10 @@ class Trainer:
         if self.rank == 0:
             log.info("skipped samples: %s", skips.summary())
             used, cut = counts["samples_used"], counts["truncated_samples"]
+            unaligned = counts["unaligned_tokens_dropped"]
             log.info("samples used%s: %d, %d of them (%.1f %%) cut to data.max_length %d%s",
                      " (rank 0)" if self.world > 1 else "", used, cut, 100.0 * cut / max(used, 1),
-                     self.cfg.data.max_length, f"; {counts['unaligned_tokens_dropped']} unaligned supervised tokens "
-                     "dropped" if counts["unaligned_tokens_dropped"] else "")
+                     self.cfg.data.max_length, f"; {unaligned} unaligned supervised tokens dropped" if unaligned else "")
         self.metrics.write({"event": "end", "step": self.step, "skipped_samples": skips.as_dict(), **counts})
         self.metrics.close()
 
