@@ -116,17 +116,11 @@ def chunks(text: str, chunk_chars: int) -> Iterator[str]:
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, out: Path):
     """A byte-level BPE on ``texts`` with the project's special tokens and ChatML template, saved to ``out``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from taid_vlm.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, SPECIAL_TOKENS
+    from taid_vlm.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, SPECIAL_TOKENS, train_byte_level_bpe
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(texts, trainer=trainer)
+    core = train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>",
                                   bos_token=None, unk_token=None, extra_special_tokens={"image_token": IMAGE_TOKEN})
     tok.chat_template = CHATML_TEMPLATE  # the framework checks every model's template; the data here is plain text

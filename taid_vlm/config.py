@@ -68,6 +68,10 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     caption_instruction: Optional[str] = None
+    # Stop the run (after data_guard.MIN_SAMPLES samples) when more than this share of the samples read was
+    # skipped, or of the supervised tokens could not be paired between teacher and student (0: stop at any).
+    max_skipped_fraction: float = 0.5
+    max_unaligned_fraction: float = 0.02
 
 
 @dataclass
@@ -456,5 +460,8 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
             raise ConfigError("data.synthetic_dir: required with data.synthetic (where to generate the shards)")
     _positive("data.max_length", d.max_length)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    for key in ("max_skipped_fraction", "max_unaligned_fraction"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key}: must be in [0, 1], got {getattr(d, key)}")
     if d.pack and not d.text_only:
         raise ConfigError("data.pack: packing needs data.text_only: true")

@@ -43,24 +43,48 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
+# Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX, the tiktoken pattern of Qwen).
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def qwen2_pipeline(core) -> None:
+    """Give a ``tokenizers.Tokenizer`` Qwen2's normalizer, pre-tokenizer and decoder.
+
+    transformers loads any tokenizer saved beside a qwen2-type config (qwen2, qwen2_vl, internvl, ...) as
+    ``Qwen2Tokenizer``, which rebuilds exactly this pipeline around the saved vocabulary. A BPE trained
+    with it therefore reads text the same way from its own folder and from an exported model's folder;
+    for other model types the pipeline is read from tokenizer.json as is.
+    """
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    core.decoder = decoders.ByteLevel()
+
+
+def train_byte_level_bpe(texts, vocab_size: int, special_tokens):
+    """A deterministic byte-level BPE (``tokenizers.Tokenizer``) on ``texts`` with Qwen2's pipeline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    qwen2_pipeline(core)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer=trainer)
+    return core
+
+
 def build_tiny_tokenizer(vocab_size: int = 512, save_dir: Optional[Union[str, Path]] = None):
     """Train a deterministic byte-level BPE tokenizer and wrap it as a PreTrainedTokenizerFast.
 
     Carries ChatML special tokens, an ``<image>`` placeholder token, a pad token and a chat template.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(_corpus(), trainer=trainer)
+    core = train_byte_level_bpe(_corpus(), vocab_size, SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",

@@ -48,6 +48,11 @@ class DistillableModel(nn.Module):
     def export_config(self) -> dict:
         raise NotImplementedError
 
+    def hf_config_beside_tokenizer(self):
+        """The Hugging Face config that an export of this model writes next to its tokenizer: transformers
+        picks the tokenizer class from its model_type when the folder is loaded."""
+        raise NotImplementedError
+
     # --- shared -----------------------------------------------------------------------------------
     def output_weight(self) -> torch.Tensor:
         return self.output_embeddings().weight

@@ -69,6 +69,10 @@ class ComposedVLM(DistillableModel):
                 "llm": list(self.llm.parameters()),
                 "embeddings": list(self.llm.get_input_embeddings().parameters())}  # tied: lm_head too
 
+    def hf_config_beside_tokenizer(self):
+        # the taid-vlm format keeps the tokenizer in llm/ beside the LM's config; a Llava export is checked as written
+        return self.llm.config
+
     def export_config(self) -> dict:
         cfg = dict(self.model_config)
         cfg["tokenizer"] = {"path": "llm"}

@@ -248,6 +248,9 @@ class HFVisionLanguageModel(DistillableModel):
         groups["llm"] += head
         return groups
 
+    def hf_config_beside_tokenizer(self):
+        return self.hf.config
+
     def export_config(self) -> dict:
         cfg = dict(self.model_config)
         cfg.pop("config", None)

@@ -33,6 +33,9 @@ class CausalLM(DistillableModel):
         return {"llm": list(self.llm.parameters()),
                 "embeddings": list(self.llm.get_input_embeddings().parameters())}
 
+    def hf_config_beside_tokenizer(self):
+        return self.llm.config
+
     def export_config(self) -> dict:
         cfg = dict(self.model_config)
         cfg["tokenizer"] = {"path": "llm"}

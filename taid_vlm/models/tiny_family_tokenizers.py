@@ -70,20 +70,14 @@ FAMILY_TOKENIZERS: Dict[str, tuple] = {
 
 def build_family_tokenizer(model_type: str, vocab_size: int = 600, save_dir=None):
     """The shared tiny vocabulary, dressed as ``model_type``'s tokenizer (with its chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from taid_vlm.tokenizer import _corpus
+    from taid_vlm.tokenizer import _corpus, train_byte_level_bpe
 
     if model_type not in FAMILY_TOKENIZERS:
         raise ValueError(f"no tiny tokenizer for model type {model_type!r}; known: {sorted(FAMILY_TOKENIZERS)}")
     attrs, eos, template = FAMILY_TOKENIZERS[model_type]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(_corpus(), trainer=trainer)
+    core = train_byte_level_bpe(_corpus(), vocab_size, SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token="<|pad|>", bos_token=None,
                                   unk_token=None, extra_special_tokens=dict(attrs))
     tok.chat_template = template

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .tokenization_check import check_same_tokenization
+
 
 def _describe(role: str, model) -> str:
     tok = model.tokenizer
@@ -21,7 +23,8 @@ def first_difference(t_vocab: dict, s_vocab: dict) -> str:
 
 
 def check_vocab_compatible(teacher, student) -> None:
-    """ValueError naming both vocabularies unless the tokenizers map the same tokens to the same ids.
+    """ValueError naming both vocabularies unless the tokenizers map the same tokens to the same ids and
+    turn the same texts into the same ids (tokenization_check.check_same_tokenization).
 
     Output embeddings padded beyond ``len(tokenizer)`` (on either side, by any amount) are fine: only the
     first ``len(tokenizer)`` rows are real tokens.
@@ -41,3 +44,4 @@ def check_vocab_compatible(teacher, student) -> None:
     if problems:
         raise ValueError("teacher and student vocabularies are not compatible: "
                          f"{_describe('teacher', teacher)}; {_describe('student', student)}: " + "; ".join(problems))
+    check_same_tokenization(teacher.tokenizer, student.tokenizer)

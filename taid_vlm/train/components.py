@@ -44,8 +44,10 @@ def build_models(cfg: RunConfig):
     """(teacher model or None, student model); the student is built first (same initialisation with and
     without a teacher), the teacher checked for a shared vocabulary."""
     from taid_vlm.models import check_vocab_compatible
+    from taid_vlm.models.tokenization_check import check_model_export_round_trip
 
     student = build_role_model(cfg.student.model, "student")
+    check_model_export_round_trip(student, "student.model.tokenizer")
     teacher = None
     if teacher_needed(cfg):
         teacher = build_role_model(cfg.teacher.model, "teacher")

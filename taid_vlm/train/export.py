@@ -123,15 +123,36 @@ def write_student(student, out_dir: Path, overwrite: bool = False, protect: tupl
                 student.llm.config.use_cache = True  # training switched the cache off; generation wants it
                 student.llm.save_pretrained(str(stage))
                 student.tokenizer.save_pretrained(str(stage))
-                return FORMAT_CAUSAL_LM
-            if hf_model is not None:
+                fmt = FORMAT_CAUSAL_LM
+            elif hf_model is not None:
                 hf_model.save_pretrained(str(stage))
                 processor.save_pretrained(str(stage))
-                return FORMAT_HF_VLM
-            write_model_files(student, stage)
-            return FORMAT_TAID
+                fmt = FORMAT_HF_VLM
+            else:
+                write_model_files(student, stage)
+                fmt = FORMAT_TAID
+            check_exported_tokenizer(student.tokenizer, stage, fmt, out_dir)
+            return fmt
     except DestinationError as e:
         raise ExportError(str(e)) from None
+
+
+def check_exported_tokenizer(tokenizer, folder: Path, fmt: str, out_dir: Path) -> None:
+    """The folder's tokenizer, loaded as its users load it (AutoProcessor for a VLM, AutoTokenizer otherwise),
+    must read the probe texts as the trained student did; else the export is refused and nothing is written."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from taid_vlm.models.tokenization_check import describe_tokenizer, first_difference
+
+    if fmt == FORMAT_HF_VLM:
+        reloaded = AutoProcessor.from_pretrained(str(folder)).tokenizer
+    else:
+        reloaded = AutoTokenizer.from_pretrained(str(folder / "llm" if fmt == FORMAT_TAID else folder))
+    diff = first_difference(tokenizer, reloaded, add_special_tokens=(False, True))
+    if diff is not None:
+        raise ExportError(f"the exported folder would tokenize differently from the trained student: "
+                          f"{diff.describe('the student ' + describe_tokenizer(tokenizer), 'the folder ' + type(reloaded).__name__)}; "
+                          "nothing was written", str(out_dir))
 
 
 def export_student(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from . import preflight
 from .components import (apply_optim_config, build_loaders, build_loss_fn, build_models, build_optimizer,  # noqa: F401
                          build_role_model, open_teacher_cache, place_teacher)
+from .data_guard import check_training_data
 from .device import to_device
 from .ds_config import student_ds_config
 from .elastic import load_engine_checkpoint
@@ -174,6 +175,7 @@ class Trainer:
             while self.step < t.total_steps:
                 record = self.train_step()
                 self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
+                check_training_data(self.train_loader, self.cfg.data, lambda v: all_reduce_sum(v, self.device))
                 self.log_step(record)
                 if _due(self.step, t.eval_every, t.total_steps):
                     self.last.update(self.evaluate())
