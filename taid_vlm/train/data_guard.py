@@ -6,14 +6,15 @@ Two shares, summed over all ranks so that every rank stops after the same step:
 - supervised tokens dropped because the teacher's and the student's renderings did not pair them, over the
   student's supervised tokens: `data.max_unaligned_fraction`. The same tokenizer and chat template drop
   none; the default leaves room for the family pairs measured in docs/bring_your_own_models.md.
-Nothing is judged before MIN_SAMPLES samples were read: the first micro-batches are too few to tell.
+Nothing is judged before MIN_SAMPLES samples were read. The check runs before the divergence guard: a run
+of unusable samples trains on fillers without supervised tokens, which the guard would call a collapse.
 """
 
 from __future__ import annotations
 
 from taid_vlm.errors import UserError
 
-MIN_SAMPLES = 64
+MIN_SAMPLES = 16
 
 
 class UnusableDataError(UserError):

@@ -174,8 +174,8 @@ class Trainer:
         with GracefulStop() as stop:  # SIGTERM / SIGINT: finish the step, save, raise TrainingStopped
             while self.step < t.total_steps:
                 record = self.train_step()
-                self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
                 check_training_data(self.train_loader, self.cfg.data, lambda v: all_reduce_sum(v, self.device))
+                self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
                 self.log_step(record)
                 if _due(self.step, t.eval_every, t.total_steps):
                     self.last.update(self.evaluate())
