@@ -4,8 +4,9 @@ Content form. Hub chat templates of VLM families read message content in one of 
 (``"<image>What is it?"``), or a list of items (``[{"type": "image"}, {"type": "text", "text": ...}]``);
 some read only the list form (LLaVA-OneVision, LLaVA-NeXT, Idefics3, SmolVLM: a string renders
 nothing) and some only the string form (the library's ChatML). ``content_form`` decides per template by
-rendering a probe both ways: the list form when the template renders its items (the form the family's
-own processor uses), else the string form. In the list form every ``<image>`` marker becomes an image
+rendering a probe both ways: the list form when the template renders its items and writes the model's
+image prompt for an image item (the form the family's own processor uses), else the string form (a
+composed student may pick another image token than the template writes). In the list form every ``<image>`` marker becomes an image
 item and the template writes the image as it does for the processor.
 
 The supervision rule (the same for every template, whatever its ``{% generation %}`` blocks cover):
@@ -51,14 +52,23 @@ def list_content(msgs: List[dict], with_images: bool) -> List[dict]:
     return out
 
 
-def content_form(tok, template: str) -> str:
-    """LIST when ``template`` renders list-form items (text, not the items' Python repr), else STRING."""
-    probe = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": "ok"}]
+def _renders(tok, template, msgs, *needles) -> bool:
     try:
-        text = render_text(tok, list_content(probe, with_images=False), template)
+        text = render_text(tok, msgs, template)
     except Exception:  # noqa: BLE001 - any template error means: not this form
-        return STRING
-    return LIST if _PROBE in text and "'type'" not in text else STRING
+        return False
+    return all(n in text for n in needles) and "'type'" not in text  # the items, not their Python repr
+
+
+def content_form(tok, template: str, image_text: Optional[str] = None) -> str:
+    """LIST when ``template`` renders list-form items (and writes ``image_text`` for an image item, when
+    given), else STRING; a template that reads only the list form gets LIST whatever it writes for an image."""
+    probe = [{"role": "user", "content": f"{IMAGE_MARKER}{_PROBE}"}, {"role": "assistant", "content": "ok"}]
+    listed = list_content(probe, with_images=image_text is not None)
+    if _renders(tok, template, listed, _PROBE, *([image_text] if image_text else [])):
+        return LIST
+    return STRING if _renders(tok, template, probe, _PROBE) else LIST if _renders(tok, template, listed, _PROBE) \
+        else STRING
 
 
 def special_ids(tok) -> frozenset:

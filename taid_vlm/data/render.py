@@ -122,10 +122,10 @@ class Renderer:
         self.spec = spec
         self.max_length = int(max_length)
         self.template = resolve_template(spec)
-        self.form = content_form(spec.tokenizer, self.template)
+        prompt = spec.image_prompt or spec.image_token
+        self.form = content_form(spec.tokenizer, self.template, prompt if spec.is_multimodal else None)
         self.specials = special_ids(spec.tokenizer)
         self.eos_id = spec.tokenizer.eos_token_id
-        prompt = spec.image_prompt or spec.image_token
         self.prompt_ids = (spec.tokenizer.encode(prompt, add_special_tokens=False)
                            if self.form == LIST and prompt and spec.image_token_id is not None else [])
 
