@@ -104,13 +104,14 @@ def check_spec(spec: InputSpec, name: str = "model") -> None:
     probe = Sample(key="probe", images=[], messages=[{"role": "user", "content": "hi"},
                                                      {"role": "assistant", "content": "ok"}])
     try:
-        ids, labels = Renderer(spec, 64)._chat(probe)
+        labels = Renderer(spec, 64)._chat(probe)[1]
+        why = "it renders no assistant text"
     except SampleError as e:
-        raise ValueError(f"{name} InputSpec: the chat template cannot render a user/assistant probe: {e}") from None
+        labels, why = [], str(e)
     if not any(x != IGNORE_INDEX for x in labels):
         raise ValueError(
-            f"{name} InputSpec: the chat template renders no assistant text (supervision rule: data/chat_tokens.py); "
-            "pass a template like taid_vlm.tokenizer.CHATML_TEMPLATE as InputSpec.chat_template")
+            f"{name} InputSpec: the chat template marks no assistant tokens ({why}; supervision rule: "
+            "data/chat_tokens.py); pass a template like taid_vlm.tokenizer.CHATML_TEMPLATE as InputSpec.chat_template")
 
 
 class Renderer:
