@@ -88,3 +88,22 @@ def test_every_family_aligns_with_an_internvl_teacher_up_to_its_own_end_of_turn_
             if END_OF_TURN[name] == "<|im_end|>" and not any(tok.decode([x]).startswith(" ") for x in lost):
                 assert dropped == 0, (name, sample.key)
             assert len(lost) <= 4, (name, tok.decode(lost))  # per sample: 2 turns x (end of turn + first token)
+
+
+@pytest.mark.parametrize("name", ["internvl", "llava_onevision", "llava_next", "qwen2_5_vl"])
+def test_llava_format_data_renders_as_the_processor_renders_an_image_item(renderers, name):
+    """Data in LLaVA format writes "<image>\\n" before the question; a template that writes its own newline after
+    an image (InternVL, LLaVA-OneVision, LLaVA-NeXT) renders it once, as the family's processor renders
+    [image, question]; a template that writes none (Qwen) keeps the data's newline."""
+    renderer = renderers[name]
+    proc = renderer.spec.image_processor.processor
+    sample = SAMPLES[1]  # two images, "<image>\n<image>\nWhat do you see?"
+    sep = "\n" if name != "qwen2_5_vl" else ""
+    assert renderer.after_image == sep
+    image, text = {"type": "image"}, (lambda t: {"type": "text", "text": t})
+    user = [image, image, text("What do you see?")] if sep else [image, text("\n"), image, text("\nWhat do you see?")]
+    hf_style = [{"role": "user", "content": user}] + [{"role": m["role"], "content": [text(m["content"])]}
+                                                      for m in sample.messages[1:]]
+    want = proc(text=[proc.apply_chat_template(hf_style, tokenize=False)], images=[sample.images], return_tensors="pt",
+                add_special_tokens=False)["input_ids"][0].tolist()
+    assert renderer(sample).input_ids == want

@@ -7,7 +7,10 @@ nothing) and some only the string form (the library's ChatML). ``content_form`` 
 rendering a probe both ways: the list form when the template renders its items and writes the model's
 image prompt for an image item (the form the family's own processor uses), else the string form (a
 composed student may pick another image token than the template writes). In the list form every ``<image>`` marker becomes an image
-item and the template writes the image as it does for the processor.
+item and the template writes the image as it does for the processor; a separator the template writes after
+an image itself (InternVL's, LLaVA-NeXT's and LLaVA-OneVision's newline) is dropped from the text that follows
+a marker, so LLaVA-format data (``"<image>\\nWhat is it?"``) renders as the processor renders
+``[image, "What is it?"]``.
 
 The supervision rule (the same for every template, whatever its ``{% generation %}`` blocks cover):
 the supervised tokens of an assistant turn are
@@ -37,8 +40,10 @@ def render_text(tok, msgs, template, **kwargs) -> str:
     return tok.apply_chat_template(msgs, chat_template=template, tokenize=False, **kwargs)
 
 
-def list_content(msgs: List[dict], with_images: bool) -> List[dict]:
-    """String content with ``<image>`` markers -> list content (image items where the markers were)."""
+def list_content(msgs: List[dict], with_images: bool, after_image: str = "") -> List[dict]:
+    """String content with ``<image>`` markers -> list content (image items where the markers were). A text
+    that follows a marker loses a leading ``after_image``: the separator the template writes after an image
+    itself (LLaVA-format data's ``"<image>\\n"`` then renders as the family's processor renders an image item)."""
     out = []
     for m in msgs:
         parts = m["content"].split(IMAGE_MARKER) if with_images else [m["content"]]
@@ -46,10 +51,21 @@ def list_content(msgs: List[dict], with_images: bool) -> List[dict]:
         for k, text in enumerate(parts):
             if k:
                 items.append({"type": "image"})
+                if after_image and text.startswith(after_image):
+                    text = text[len(after_image):]
             if text:
                 items.append({"type": "text", "text": text})
         out.append({"role": m["role"], "content": items})
     return out
+
+
+def image_separator(tok, template: str, image_text: str) -> str:
+    """The whitespace a list-form template writes between an image item and the text after it ("" if none)."""
+    probe = [{"role": "user", "content": f"{IMAGE_MARKER}{_PROBE}"}, {"role": "assistant", "content": "ok"}]
+    text = render_text(tok, list_content(probe, with_images=True), template)
+    at = text.find(image_text)
+    sep = text[at + len(image_text):text.find(_PROBE, at)] if at >= 0 else ""
+    return sep if not sep.strip() else ""
 
 
 def _renders(tok, template, msgs, *needles) -> bool:

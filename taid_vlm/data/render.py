@@ -6,7 +6,8 @@ Steps for a conversation:
    ``CHATML_TEMPLATE``) renders it, with string content or, when the template reads list content,
    list content (``chat_tokens.content_form`` decides by a probe; the template then writes each image
    itself, and ``spec.image_prompt``, e.g. Qwen's vision start/image pad/vision end, is collapsed to the
-   one ``spec.image_token``). Supervised tokens follow ONE rule for every template
+   one ``spec.image_token``; a newline the template writes after an image replaces the data's
+   ``"<image>\\n"`` newline). Supervised tokens follow ONE rule for every template
    (``chat_tokens``): each assistant answer's text tokens plus the end-of-turn special token right after
    it; never the turn header, the newline after the end-of-turn token or the next turn, whatever the
    template's ``{% generation %}`` blocks cover;
@@ -36,7 +37,8 @@ import torch
 
 from ..spec import InputSpec
 from ..tokenizer import CHATML_TEMPLATE
-from .chat_tokens import LIST, content_form, list_content, special_ids, tokenize_with_supervision
+from .chat_tokens import (LIST, content_form, image_separator, list_content, special_ids,
+                          tokenize_with_supervision)
 from .formats import IMAGE_MARKER
 from .samples import Sample
 from .skips import MARKER_MISMATCH, TOO_LONG, SampleError
@@ -127,15 +129,16 @@ class Renderer:
         self.form = content_form(spec.tokenizer, self.template, prompt if spec.is_multimodal else None)
         self.specials = special_ids(spec.tokenizer)
         self.eos_id = spec.tokenizer.eos_token_id
-        self.prompt_ids = (spec.tokenizer.encode(prompt, add_special_tokens=False)
-                           if self.form == LIST and prompt and spec.image_token_id is not None else [])
+        listed_images = self.form == LIST and prompt and spec.image_token_id is not None
+        self.prompt_ids = spec.tokenizer.encode(prompt, add_special_tokens=False) if listed_images else []
+        self.after_image = image_separator(spec.tokenizer, self.template, prompt) if listed_images else ""
 
     # -- token ids + labels ------------------------------------------------------------------
     def _chat(self, sample: Sample):
         spec, tok = self.spec, self.spec.tokenizer
         msgs = sample.messages
         if self.form == LIST:
-            msgs = list_content(msgs, with_images=bool(sample.images))
+            msgs = list_content(msgs, with_images=bool(sample.images), after_image=self.after_image)
         elif sample.images and spec.image_token != IMAGE_MARKER:
             msgs = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, spec.image_token)}
                     for m in msgs]
