@@ -6,11 +6,13 @@ some read only the list form (LLaVA-OneVision, LLaVA-NeXT, Idefics3, SmolVLM: a 
 nothing) and some only the string form (the library's ChatML). ``content_form`` decides per template by
 rendering a probe both ways: the list form when the template renders its items and writes the model's
 image prompt for an image item (the form the family's own processor uses), else the string form (a
-composed student may pick another image token than the template writes). In the list form every ``<image>`` marker becomes an image
-item and the template writes the image as it does for the processor; a separator the template writes after
-an image itself (InternVL's, LLaVA-NeXT's and LLaVA-OneVision's newline) is dropped from the text that follows
-a marker, so LLaVA-format data (``"<image>\\nWhat is it?"``) renders as the processor renders
-``[image, "What is it?"]``.
+composed student may pick another image token than the template writes). In the list form every
+``<image>`` marker becomes an image item and the template writes the image as it does for the processor;
+a separator the template writes after an image itself (InternVL's, LLaVA-NeXT's and LLaVA-OneVision's
+newline) is dropped from the text that follows a marker, so LLaVA-format data
+(``"<image>\\nWhat is it?"``) renders as the processor renders ``[image, "What is it?"]``.
+
+Requires a fast tokenizer (character offsets of the tokens), as transformers' own assistant masks do.
 
 The supervision rule (the same for every template, whatever its ``{% generation %}`` blocks cover):
 the supervised tokens of an assistant turn are
