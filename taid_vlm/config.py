@@ -71,7 +71,7 @@ class DataConfig:
     # Stop the run (from data_guard.MIN_SAMPLES samples read on) when more than this share of the samples read was
     # skipped, or of the supervised tokens could not be paired between teacher and student (0: stop at any).
     max_skipped_fraction: float = 0.5
-    max_unaligned_fraction: float = 0.02
+    max_unaligned_fraction: float = 0.10
 
 
 @dataclass

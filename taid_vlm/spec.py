@@ -48,6 +48,10 @@ class InputSpec:
     image_processor:   dynamic-resolution models (instead of image_transform/tokens_per_image): the
                        sample's images -> ImageInputs; each image_token in the rendered text is replaced
                        by that image's span.
+    image_prompt:      the text that one image span replaces, wrapper tokens included (Qwen:
+                       "<|vision_start|><|image_pad|><|vision_end|>"); None: image_token alone. A chat
+                       template that reads list content writes it for each image item; the renderer
+                       collapses it to image_token.
     """
 
     tokenizer: Any
@@ -57,6 +61,7 @@ class InputSpec:
     image_token: Optional[str] = None
     chat_template: Optional[str] = None
     image_processor: Optional[ImageProcessor] = None
+    image_prompt: Optional[str] = None
 
     @property
     def is_multimodal(self) -> bool:

@@ -1,6 +1,9 @@
-"""Tiny random models of every supported HF VLM family, their tokenizers and photos-like test images."""
+"""Tiny random models of every supported HF VLM family, their tokenizers (with the family's published chat
+template: tests/family_templates/) and test images (real photographs from scikit-image, smooth random ones)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -65,3 +68,32 @@ def photo(seed: int, height: int, width: int) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
     base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), x * y], -1) * 100 + 128
     return Image.fromarray(np.clip(base + rng.randn(height, width, 3) * 20, 0, 255).astype(np.uint8))
+
+
+TEMPLATES = Path(__file__).parent / "family_templates"
+# tokens a published template writes through a tokenizer attribute ({{ bos_token }})
+BOS = {"gemma3": "<bos>", "mistral3": "<s>"}
+# the end-of-turn token each published template writes after an answer
+END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "internvl": "<|im_end|>",
+               "llava_onevision": "<|im_end|>", "llava_next": "</s>", "idefics3": "<end_of_utterance>",
+               "smolvlm": "<end_of_utterance>", "gemma3": "<end_of_turn>", "mistral3": "</s>"}
+
+
+def published_template(model_type: str) -> str:
+    return (TEMPLATES / f"{model_type}.jinja").read_text()
+
+
+def build_published_family_tokenizer(model_type: str, save_dir):
+    """The shared tiny vocabulary with the family's published chat template (tests/family_templates/README.md)."""
+    from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
+
+    return build_family_tokenizer(model_type, save_dir=save_dir, chat_template=published_template(model_type),
+                                  bos_token=BOS.get(model_type))
+
+
+def photograph(name: str, scale: float = 0.25) -> Image.Image:
+    """A real photograph shipped in scikit-image's wheel (astronaut, coffee, chelsea, rocket), downscaled."""
+    from skimage import data
+
+    img = Image.fromarray(getattr(data, name)())
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)

@@ -1,12 +1,15 @@
-"""Chat templates without {% generation %} blocks (Qwen2's stock template, for one) still give
-assistant-only labels, by prefix rendering."""
+"""One supervision rule for every chat template (data/chat_tokens.py): the answer's tokens and the end-of-turn
+special token after it, whatever the template's {% generation %} blocks cover (none, as in Qwen2's stock
+template; the answer and end-of-turn, as in our ChatML; the answer only, as in LLaVA-OneVision's)."""
 
-from taid_vlm.data.render import IGNORE_INDEX, Renderer, has_generation_blocks
+from taid_vlm.data.render import IGNORE_INDEX, Renderer
 from taid_vlm.data.samples import Sample
 from taid_vlm.spec import InputSpec
 from taid_vlm.tokenizer import CHATML_TEMPLATE
 
 PLAIN_CHATML = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+ANSWER_ONLY = CHATML_TEMPLATE.replace("{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+                                      "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
 MESSAGES = [
     {"role": "system", "content": "You are a helpful model."},
     {"role": "user", "content": "What color is the circle?"},
@@ -16,19 +19,17 @@ MESSAGES = [
 ]
 
 
-def test_prefix_rendering_supervises_exactly_the_assistant_turns(tiny_tokenizer):
-    assert has_generation_blocks(CHATML_TEMPLATE) and not has_generation_blocks(PLAIN_CHATML)
+def test_every_template_supervises_the_answers_and_their_end_of_turn_token_only(tiny_tokenizer):
+    assert ANSWER_ONLY != CHATML_TEMPLATE
     sample = Sample(key="k", images=[], messages=MESSAGES)
-    marked = Renderer(InputSpec(tiny_tokenizer, chat_template=CHATML_TEMPLATE), 512)(sample)
-    plain = Renderer(InputSpec(tiny_tokenizer, chat_template=PLAIN_CHATML), 512)(sample)
-    assert plain.input_ids == marked.input_ids
-    newline = tiny_tokenizer.encode("\n", add_special_tokens=False)
-    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    extra = [i for i, (a, b) in enumerate(zip(marked.labels, plain.labels)) if a != b]
-    # Same supervised tokens, plus the newline the template writes after each assistant turn.
-    assert len(extra) == 2
-    for i in extra:
-        assert marked.labels[i] == IGNORE_INDEX and [plain.labels[i]] == newline
-        assert plain.input_ids[i - 1] == im_end
-    supervised = tiny_tokenizer.decode([t for t in marked.labels if t != IGNORE_INDEX])
+    rendered = [Renderer(InputSpec(tiny_tokenizer, chat_template=t), 512)(sample)
+                for t in (CHATML_TEMPLATE, PLAIN_CHATML, ANSWER_ONLY)]
+    assert rendered[0].input_ids == rendered[1].input_ids == rendered[2].input_ids
+    assert rendered[0].labels == rendered[1].labels == rendered[2].labels
+    labels = rendered[0].labels
+    supervised = tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert supervised == "red<|im_end|>two<|im_end|>"
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # every supervised <|im_end|> closes an assistant turn; the newline after it is not supervised
+    ends = [i for i, t in enumerate(labels) if t == im_end]
+    assert len(ends) == 2 and all(labels[i + 1] == IGNORE_INDEX for i in ends)

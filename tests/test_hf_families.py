@@ -1,5 +1,7 @@
-"""Dynamic-resolution HF VLM families behind the adapter: our rendering equals the family's own processor,
-and the model's logits on our batch equal its logits on the processor's batch (tiny random models, fp32)."""
+"""Dynamic-resolution HF VLM families behind the adapter, each with its published chat template
+(tests/family_templates/) and real photographs: our rendering equals the family's own processor, the model's
+logits on our batch equal its logits on the processor's batch (tiny random models, fp32), and the supervised
+tokens follow the one rule of data/chat_tokens.py."""
 
 import importlib.util
 
@@ -10,9 +12,7 @@ from taid_vlm.data import Renderer, Sample, collate
 from taid_vlm.models import build_model
 from taid_vlm.models.hf_families import FAMILIES
 from taid_vlm.models.hf_qwen_image_inputs import QwenImageInputs
-from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
-
-from hf_family_helpers import model_cfg, photo
+from hf_family_helpers import END_OF_TURN, build_published_family_tokenizer, model_cfg, photograph
 from models_helpers import one_torch_thread  # noqa: F401
 
 FAMILY_NAMES = [
@@ -28,7 +28,7 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Describe the image.\n<image>"},
      {"role": "assistant", "content": "a green star on the left"}],
 ]
-IMAGES = [[photo(1, 40, 70), photo(2, 90, 50)], [photo(3, 64, 64)]]
+IMAGES = [[photograph("astronaut"), photograph("coffee")], [photograph("chelsea")]]
 
 
 def structured(messages, images):
@@ -50,7 +50,7 @@ def structured(messages, images):
 def family_model(request, tmp_path_factory):
     name = request.param
     folder = tmp_path_factory.mktemp(name)
-    build_family_tokenizer(name, save_dir=folder)
+    build_published_family_tokenizer(name, folder)
     torch.manual_seed(0)
     model = build_model(model_cfg(name, folder))
     with torch.no_grad():  # Gemma 3 initialises its image projection to zeros: images would not matter
@@ -88,12 +88,29 @@ def test_rendering_equals_the_family_processor(family_model):
         for key, value in r.image_inputs.items():
             want = ref[key][0] if key in model.family.batched_keys else ref[key]
             assert torch.equal(value, want), (name, key)
-        # supervised tokens: exactly the assistant answers (+ end of turn), never an image token
+        assert_supervised_is_answers_and_end_of_turn(name, model.tokenizer, conv, r.labels)
         sup = [t for t in r.labels if t != -100]
-        answers = "".join(m["content"] for m in conv if m["role"] == "assistant")
-        assert model.tokenizer.decode(sup, skip_special_tokens=True).replace("\n", "") == answers
-        spec = model.input_spec
-        assert spec.image_token_id not in sup and model.image_token_id not in sup
+        assert model.input_spec.image_token_id not in sup and model.image_token_id not in sup
+
+
+def assert_supervised_is_answers_and_end_of_turn(name, tok, conv, labels):
+    """The supervision rule: per assistant turn its answer's tokens (a leading space merges into the first one)
+    and the template's end-of-turn token; nothing else (no header, no newline, no next turn)."""
+    eot = END_OF_TURN[name]
+    eot_id = tok.convert_tokens_to_ids(eot)
+    runs, cur = [], []
+    for prev, t in zip([-100] + labels, labels):  # contiguous runs of supervised tokens
+        if t != -100:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    answers = [m["content"] for m in conv if m["role"] == "assistant"]
+    assert len(runs) == len(answers), (name, [tok.decode(r) for r in runs])
+    for run, answer in zip(runs, answers):
+        assert run[-1] == eot_id and eot_id not in run[:-1], (name, tok.decode(run))
+        assert tok.decode(run[:-1]) in (answer, " " + answer), (name, tok.decode(run))
 
 
 def test_logits_on_our_batch_equal_logits_on_the_processor_batch(family_model):

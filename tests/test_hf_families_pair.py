@@ -11,10 +11,9 @@ import torch
 from taid_vlm.data import build_loader
 from taid_vlm.losses import build_loss
 from taid_vlm.models import build_model, build_pair
-from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
 
 from data_helpers import write_tar
-from hf_family_helpers import model_cfg, photo
+from hf_family_helpers import build_published_family_tokenizer, model_cfg, photo
 from models_helpers import one_torch_thread  # noqa: F401
 
 ANSWERS = ["red circle on the left", "two blue squares", "a green star", "yes", "the yellow one is bigger"]
@@ -44,7 +43,7 @@ def conversation_shard(path, first: int, n: int) -> str:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
     for fam in ("qwen2_5_vl", "internvl"):
-        build_family_tokenizer(fam, save_dir=root / fam)
+        build_published_family_tokenizer(fam, root / fam)  # the families' published chat templates
     shards = [conversation_shard(root / f"shard-{k}.tar", 6 * k, 6) for k in range(2)]
     composed = {
         "type": "composed", "tokenizer": {"path": str(root / "qwen2_5_vl")}, "image_token": "<image>",

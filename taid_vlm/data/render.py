@@ -3,12 +3,14 @@
 Steps for a conversation:
 1. each ``<image>`` marker becomes ONE ``spec.image_token``;
 2. the chat template (``spec.chat_template``, else the tokenizer's own, else the library's ChatML
-   ``CHATML_TEMPLATE``) renders and tokenizes it through transformers' ``apply_chat_template`` with
-   ``return_assistant_tokens_mask=True``: the template's ``{% generation %}`` blocks mark the
-   supervised tokens (assistant content and its end-of-turn token). Templates without such blocks
-   (most stock ones, Qwen2's included) are handled by rendering prefixes: the tokens that the i-th
-   assistant message adds to the conversation rendered up to its generation prompt are supervised
-   (this includes whatever the template writes after the turn, e.g. a newline);
+   ``CHATML_TEMPLATE``) renders it, with string content or, when the template reads list content,
+   list content (``chat_tokens.content_form`` decides by a probe; the template then writes each image
+   itself, and ``spec.image_prompt``, e.g. Qwen's vision start/image pad/vision end, is collapsed to the
+   one ``spec.image_token``; a newline the template writes after an image replaces the data's
+   ``"<image>\\n"`` newline). Supervised tokens follow ONE rule for every template
+   (``chat_tokens``): each assistant answer's text tokens plus the end-of-turn special token right after
+   it; never the turn header, the newline after the end-of-turn token or the next turn, whatever the
+   template's ``{% generation %}`` blocks cover;
 3. each image token is expanded to ``spec.tokens_per_image`` copies (never supervised);
 4. the sequence is cut to ``max_length``; a cut that would fall inside an image span moves to the
    span's start, and the images whose spans are gone are dropped;
@@ -28,7 +30,6 @@ is supervised, else -100; position 0 is never supervised (nothing predicts it).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -36,9 +37,11 @@ import torch
 
 from ..spec import InputSpec
 from ..tokenizer import CHATML_TEMPLATE
+from .chat_tokens import (LIST, content_form, image_separator, list_content, special_ids,
+                          tokenize_with_supervision)
 from .formats import IMAGE_MARKER
 from .samples import Sample
-from .skips import BAD_CONVERSATION, MARKER_MISMATCH, TOO_LONG, SampleError
+from .skips import MARKER_MISMATCH, TOO_LONG, SampleError
 
 IGNORE_INDEX = -100
 IMAGE_REJECTED = "image_rejected"  # the model's image processor raised on an image of the sample
@@ -64,35 +67,21 @@ def resolve_template(spec: InputSpec) -> str:
     return spec.chat_template or getattr(spec.tokenizer, "chat_template", None) or CHATML_TEMPLATE
 
 
-_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def has_generation_blocks(template: str) -> bool:
-    return bool(_GENERATION_BLOCK.search(template))
-
-
-def _render(tok, msgs, template, **kwargs) -> List[int]:
-    out = tok.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True, **kwargs)
-    return list(out["input_ids"])
-
-
-def assistant_mask_from_prefixes(tok, msgs, template) -> tuple[List[int], List[bool]]:
-    """Token ids of the whole conversation and a mask of the tokens each assistant turn adds.
-
-    Written by hand because transformers only derives assistant masks from {% generation %} blocks.
-    """
-    ids = _render(tok, msgs, template)
-    mask = [False] * len(ids)
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        start = len(_render(tok, msgs[:i], template, add_generation_prompt=True)) if i else 0
-        upto = _render(tok, msgs[: i + 1], template)
-        if ids[: len(upto)] != upto or len(upto) < start:
-            raise SampleError(BAD_CONVERSATION, "chat template is not prefix-stable; add {% generation %} blocks")
-        for k in range(start, len(upto)):
-            mask[k] = True
-    return ids, mask
+def collapse(ids: List[int], labels: List[int], prompt_ids: List[int], image_token_id: int):
+    """Each occurrence of ``prompt_ids`` (an image prompt with wrapper tokens) -> the one image token."""
+    out_ids: List[int] = []
+    out_labels: List[int] = []
+    n, k = len(prompt_ids), 0
+    while k < len(ids):
+        if ids[k:k + n] == prompt_ids:
+            out_ids.append(image_token_id)
+            out_labels.append(IGNORE_INDEX)
+            k += n
+        else:
+            out_ids.append(ids[k])
+            out_labels.append(labels[k])
+            k += 1
+    return out_ids, out_labels
 
 
 def pad_token_id(tokenizer) -> int:
@@ -114,21 +103,17 @@ def check_spec(spec: InputSpec, name: str = "model") -> None:
             raise ValueError(
                 f"{name} InputSpec: image_token {spec.image_token!r} tokenizes to {ids}, expected the single "
                 f"id [{spec.image_token_id}]; add it to the tokenizer as a special token")
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    template = resolve_template(spec)
-    if has_generation_blocks(template):
-        marked = tok.apply_chat_template(probe, chat_template=template, tokenize=True, return_dict=True,
-                                         return_assistant_tokens_mask=True)["assistant_masks"]
-    else:
-        try:
-            marked = assistant_mask_from_prefixes(tok, probe, template)[1]
-        except SampleError:
-            marked = []
-    if not any(marked):
+    probe = Sample(key="probe", images=[], messages=[{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "ok"}])
+    try:
+        labels = Renderer(spec, 64)._chat(probe)[1]
+        why = "it renders no assistant text"
+    except SampleError as e:
+        labels, why = [], str(e)
+    if not any(x != IGNORE_INDEX for x in labels):
         raise ValueError(
-            f"{name} InputSpec: the chat template marks no assistant tokens, with {{% generation %}} blocks or "
-            "by prefix rendering; pass a template like taid_vlm.tokenizer.CHATML_TEMPLATE as "
-            "InputSpec.chat_template")
+            f"{name} InputSpec: the chat template marks no assistant tokens ({why}; supervision rule: "
+            "data/chat_tokens.py); pass a template like taid_vlm.tokenizer.CHATML_TEMPLATE as InputSpec.chat_template")
 
 
 class Renderer:
@@ -140,23 +125,27 @@ class Renderer:
         self.spec = spec
         self.max_length = int(max_length)
         self.template = resolve_template(spec)
-        self.marked = has_generation_blocks(self.template)
+        prompt = spec.image_prompt or spec.image_token
+        self.form = content_form(spec.tokenizer, self.template, prompt if spec.is_multimodal else None)
+        self.specials = special_ids(spec.tokenizer)
         self.eos_id = spec.tokenizer.eos_token_id
+        listed_images = self.form == LIST and prompt and spec.image_token_id is not None
+        self.prompt_ids = spec.tokenizer.encode(prompt, add_special_tokens=False) if listed_images else []
+        self.after_image = image_separator(spec.tokenizer, self.template, prompt) if listed_images else ""
 
     # -- token ids + labels ------------------------------------------------------------------
     def _chat(self, sample: Sample):
         spec, tok = self.spec, self.spec.tokenizer
         msgs = sample.messages
-        if sample.images and spec.image_token != IMAGE_MARKER:
+        if self.form == LIST:
+            msgs = list_content(msgs, with_images=bool(sample.images), after_image=self.after_image)
+        elif sample.images and spec.image_token != IMAGE_MARKER:
             msgs = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, spec.image_token)}
                     for m in msgs]
-        if self.marked:
-            enc = tok.apply_chat_template(msgs, chat_template=self.template, tokenize=True, return_dict=True,
-                                          return_assistant_tokens_mask=True)
-            ids, mask = list(enc["input_ids"]), enc["assistant_masks"]
-        else:
-            ids, mask = assistant_mask_from_prefixes(tok, msgs, self.template)
+        ids, mask = tokenize_with_supervision(tok, msgs, self.template, self.specials)
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        if len(self.prompt_ids) > 1:  # the template wrote the whole image prompt: keep its image token only
+            ids, labels = collapse(ids, labels, self.prompt_ids, spec.image_token_id)
         return ids, labels
 
     def _text(self, sample: Sample):

@@ -62,7 +62,8 @@ class HFVisionLanguageModel(DistillableModel):
             spec = InputSpec(tokenizer=tokenizer, image_token=image_token,
                              image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
                              chat_template=getattr(processor, "chat_template", None),
-                             image_processor=image_inputs_for(processor, fam.image_prompt, fam.batched_keys))
+                             image_processor=image_inputs_for(processor, fam.image_prompt, fam.batched_keys),
+                             image_prompt=fam.image_prompt.format(image=image_token))
         super().__init__(tokenizer, spec, config)
         self.family = fam
         self.hf = hf_model

@@ -18,7 +18,7 @@ _IDEFICS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] +
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 _GEMMA = ["<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 _MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-SPECIAL_TOKENS = _CHATML + _QWEN + _LLAVA + _INTERNVL + _IDEFICS + _GEMMA + _MISTRAL
+SPECIAL_TOKENS = _CHATML + _QWEN + _LLAVA + _INTERNVL + _IDEFICS + _GEMMA + _MISTRAL + ["<|begin_of_text|>"]
 
 
 def _content(image: str) -> str:
@@ -68,8 +68,9 @@ FAMILY_TOKENIZERS: Dict[str, tuple] = {
 }
 
 
-def build_family_tokenizer(model_type: str, vocab_size: int = 600, save_dir=None):
-    """The shared tiny vocabulary, dressed as ``model_type``'s tokenizer (with its chat template)."""
+def build_family_tokenizer(model_type: str, vocab_size: int = 600, save_dir=None, chat_template=None, bos_token=None):
+    """The shared tiny vocabulary, dressed as ``model_type``'s tokenizer (with its chat template, or
+    ``chat_template``, e.g. the family's published one; ``bos_token`` for templates that write it)."""
     from transformers import PreTrainedTokenizerFast
 
     from taid_vlm.tokenizer import _corpus, train_byte_level_bpe
@@ -78,9 +79,9 @@ def build_family_tokenizer(model_type: str, vocab_size: int = 600, save_dir=None
         raise ValueError(f"no tiny tokenizer for model type {model_type!r}; known: {sorted(FAMILY_TOKENIZERS)}")
     attrs, eos, template = FAMILY_TOKENIZERS[model_type]
     core = train_byte_level_bpe(_corpus(), vocab_size, SPECIAL_TOKENS)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token="<|pad|>", bos_token=None,
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token="<|pad|>", bos_token=bos_token,
                                   unk_token=None, extra_special_tokens=dict(attrs))
-    tok.chat_template = template
+    tok.chat_template = chat_template or template
     if save_dir is not None:
         tok.save_pretrained(str(save_dir))
     return tok
