@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from taid_vlm.config import ConfigError, RunConfig
+from taid_vlm.errors import UserError
 
 from . import checkpoint as ckpt
 from . import preflight
@@ -78,7 +79,7 @@ class Trainer:
         try:
             self._build_student_side()
         except (ValueError, OSError) as e:  # the model builders name the key; a bad folder is a user error too
-            if isinstance(e, ConfigError):
+            if isinstance(e, UserError):  # already one line naming the key (and the file)
                 raise
             raise ConfigError(str(e)) from e
         self._build_teacher_side()
