@@ -12,8 +12,8 @@ from taid_vlm.errors import USER_ERROR_STATUS, UserError, error_line
 
 
 def _train(args) -> int:
-    from taid_vlm.config import load_config
     from taid_vlm.train import train
+    from taid_vlm.train.resume_config import run_config
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -26,7 +26,8 @@ def _train(args) -> int:
         overrides.append("train.resume=true")
     if args.overwrite:
         overrides.append("train.overwrite=true")
-    cfg = load_config(args.config, overrides)  # command-line paths resolve against the working directory
+    # command-line paths resolve against the working directory; --resume: the run's saved config + these overrides
+    cfg = run_config(args.config, overrides)
     train(cfg)
     return 0
 
@@ -147,7 +148,22 @@ def main(argv: Optional[list] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if args.command in ("train", "compare"):
         args.overrides = list(args.overrides) + extra
+    quiet_library_notices()
     return run_command(args)
+
+
+def quiet_library_notices() -> None:
+    """Notices of the libraries that no user can act on, printed by every command (and every rank):
+    DeepSpeed's 'Setting accelerator to CPU' on a machine without a GPU (the run summary says the
+    device once), torch's FutureWarnings about the collectives DeepSpeed's ZeRO-3 calls."""
+    import warnings
+
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's choice anyway, without its warning
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def run_command(args) -> int:
