@@ -148,22 +148,10 @@ def main(argv: Optional[list] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if args.command in ("train", "compare"):
         args.overrides = list(args.overrides) + extra
+    from taid_vlm.train.launch_env import quiet_library_notices
+
     quiet_library_notices()
     return run_command(args)
-
-
-def quiet_library_notices() -> None:
-    """Notices of the libraries that no user can act on, printed by every command (and every rank):
-    DeepSpeed's 'Setting accelerator to CPU' on a machine without a GPU (the run summary says the
-    device once), torch's FutureWarnings about the collectives DeepSpeed's ZeRO-3 calls."""
-    import warnings
-
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's choice anyway, without its warning
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def run_command(args) -> int:

@@ -25,6 +25,18 @@ def configure_logging(rank: int = -1) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def quiet_library_notices() -> None:
+    """Notices of the libraries that no user can act on, printed by every command (and every rank):
+    DeepSpeed's 'Setting accelerator to CPU' on a machine without a GPU (the run summary says the
+    device once), torch's FutureWarnings about the collectives DeepSpeed's ZeRO-3 calls."""
+    import warnings
+
+    if "DS_ACCELERATOR" not in os.environ:
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's choice anyway, without its warning
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 def skip_deepspeed_shm_op() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op (``deepspeed_shm_comm``).
 

@@ -130,7 +130,8 @@ class Trainer:
         if self.rank == 0:
             t = self.cfg.train
             for line in summary_lines(self.teacher_model, self.student_model, self.world, t.micro_batch_size,
-                                      t.grad_accum, self.cfg.data.max_length, self.shards, self.cfg.teacher.cache):
+                                      t.grad_accum, self.cfg.data.max_length, self.shards, self.cfg.teacher.cache,
+                                      self.device.type):
                 log.info(line)
 
     # ---- resume ----------------------------------------------------------------------------------
