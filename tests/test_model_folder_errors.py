@@ -147,3 +147,21 @@ def test_train_with_a_truncated_teacher_exits_2_with_one_error_line(saved, tmp_p
     assert errors == [f"error: student.model.llm.path: corrupt or truncated weights (incomplete metadata, file not "
                       f"fully covered) ({folder / 'model.safetensors'})"], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name, write", [
+    ("tower.safetensors", lambda f, good: f.write_bytes(good[: len(good) // 2])),
+    ("tower.bin", lambda f, good: f.write_bytes(b"not a torch file" * 64)),
+])
+def test_bad_open_clip_tower_weights_are_one_line_naming_the_file(tmp_path, name, write):
+    from safetensors.torch import save_file
+
+    cfg = load_cfg("tiny_vlm_student")
+    good = tmp_path / "good.safetensors"
+    save_file({k[len("vision.tower."):]: v.contiguous() for k, v in build_model(cfg).state_dict().items()
+               if k.startswith("vision.tower.")}, str(good))
+    bad = tmp_path / name
+    write(bad, good.read_bytes())
+    cfg["vision"]["pretrained"] = str(bad)
+    line = one_error_line("teacher", cfg)
+    assert line.startswith("error: teacher.model.vision.pretrained: ") and line.endswith(f"({bad})")

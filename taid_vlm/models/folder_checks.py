@@ -120,13 +120,16 @@ def check_model_folder(folder: Path, where: str) -> str:
 @contextlib.contextmanager
 def reading_folder(where: str, folder) -> Iterator[None]:
     """Errors transformers raises while reading ``folder`` -> one ModelFolderError line (first line kept)."""
+    import pickle
+
+    import torch
     from safetensors import SafetensorError
 
     try:
         yield
-    except UserError:
+    except (UserError, torch.OutOfMemoryError):
         raise
-    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = first if first.startswith(where) else f"{where}: cannot load the folder: {first}"
         raise ModelFolderError(what, str(folder)) from e
