@@ -94,7 +94,8 @@ class LoopProgress:
         if enabled and on_terminal():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit.rstrip("s") or unit, leave=False, dynamic_ncols=True)
+            one = unit[:-1] if unit.endswith("s") else unit  # tqdm's rate: batch/s
+            self._bar = tqdm(total=total, desc=desc, unit=one, leave=False, dynamic_ncols=True)
 
     def advance(self, n: int = 1) -> None:
         if not self.enabled:
