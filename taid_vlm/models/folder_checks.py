@@ -24,8 +24,8 @@ from taid_vlm.errors import UserError
 CONFIG_FILE = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-# A vocabulary: tokenizers' JSON, a BPE pair, WordPiece, SentencePiece or tiktoken files.
-_VOCAB_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+# A vocabulary: tokenizers' JSON, a BPE pair, WordPiece, Mistral's tekken, SentencePiece or tiktoken files.
+_VOCAB_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",), ("tekken.json",))
 _VOCAB_SUFFIXES = (".model", ".tiktoken")
 
 
