@@ -57,6 +57,14 @@ def set_model_type(folder: Path, model_type: str) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def shard_with_one_missing(folder: Path) -> None:
+    """model.safetensors as the first of two indexed shards; the second was never copied."""
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def one_error_line(role: str, model_cfg: dict) -> str:
     with pytest.raises(UserError) as e:
         build_role_model(model_cfg, role)
@@ -77,6 +85,8 @@ def causal_lm_from(folder: Path) -> dict:
     (lambda d: (d / "model.safetensors").unlink(), "no weights in the model folder", ""),
     (lambda d: set_model_type(d, "qwen99"), "model_type 'qwen99' is unknown to transformers", "config.json"),
     (lambda d: (d / "config.json").unlink(), "no config.json in the model folder", "config.json"),
+    (shard_with_one_missing, "1 of 2 weight shards listed in model.safetensors.index.json are missing, first "
+     "model-00002-of-00002.safetensors", "model-00002-of-00002.safetensors"),
 ])
 def test_a_bad_causal_lm_folder_is_one_line_naming_the_role_and_the_file(saved, tmp_path, change, message, file):
     folder = damaged(saved, tmp_path, "text/llm", change)
