@@ -47,6 +47,9 @@ def _main(argv: List[str]) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     a = ap.parse_intermixed_args(argv)  # overrides may follow options
 
+    from taid_vlm.train.launch_env import quiet_library_notices
+
+    quiet_library_notices()  # before DeepSpeed is imported
     from taid_vlm.config import load_config
     from taid_vlm.teacher_cache.writer import write_cache
 

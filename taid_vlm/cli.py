@@ -12,8 +12,8 @@ from taid_vlm.errors import USER_ERROR_STATUS, UserError, error_line
 
 
 def _train(args) -> int:
-    from taid_vlm.config import load_config
     from taid_vlm.train import train
+    from taid_vlm.train.resume_config import run_config
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -26,7 +26,8 @@ def _train(args) -> int:
         overrides.append("train.resume=true")
     if args.overwrite:
         overrides.append("train.overwrite=true")
-    cfg = load_config(args.config, overrides)  # command-line paths resolve against the working directory
+    # command-line paths resolve against the working directory; --resume: the run's saved config + these overrides
+    cfg = run_config(args.config, overrides)
     train(cfg)
     return 0
 
@@ -73,6 +74,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seeds(text: str) -> list:
+    from taid_vlm.experiments.compare import CompareError, parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except CompareError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--seeds: ")) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="taid-vlm", description="Distil vision-language and language models with TAID.")
     ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
@@ -117,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     c.add_argument("--losses", help="comma-separated loss names (default: taid,fkl,rkl,sfkl, or the study's list)")
-    c.add_argument("--seeds", type=_positive_int, help="number of seeds, 0..N-1 (default: 1, or the study's)")
+    c.add_argument("--seeds", type=_seeds, help="a count N: seeds 0..N-1 (default: 1, or the study's); or the seeds themselves, "
+                                   "comma-separated: 7,8 (one seed: 7,). Finished runs in --out are reused")
     c.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default: the config's)")
     c.add_argument("--out", help="output folder (default: runs/compare/CONFIG_NAME)")
     c.add_argument("--fresh", action="store_true", help="retrain every run (default: reuse finished identical runs)")
@@ -137,6 +148,9 @@ def main(argv: Optional[list] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if args.command in ("train", "compare"):
         args.overrides = list(args.overrides) + extra
+    from taid_vlm.train.launch_env import quiet_library_notices
+
+    quiet_library_notices()
     return run_command(args)
 
 

@@ -123,7 +123,7 @@ class TrainConfig:
     max_zero_grad_steps: int = 3          # stop after this many steps in a row with gradient norm 0 (0: off)
     param_growth_factor: float = 100.0    # never checkpoint parameters whose norm grew this much since the last
                                           # checkpoint / the start (0: off); non-finite parameters are never saved
-    progress_bar: bool = True
+    progress_bar: bool = True             # a bar on a terminal, else one line per logged step (false: lines always)
     tensorboard: bool = True
 
 

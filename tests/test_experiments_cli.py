@@ -58,6 +58,34 @@ def test_cli_usage_errors_exit_2(argv, capsys):
     assert "usage: taid-vlm" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, seeds, back", [("3", [0, 1, 2], "3"), ("1", [0], "1"), ("7,8", [7, 8], "7,8"),
+                                               ("7,", [7], "7,"), ("0,1", [0, 1], "2"), (" 2, 9 ", [2, 9], "2,9")])
+def test_seeds_are_a_count_or_an_explicit_list(text, seeds, back):
+    from taid_vlm.experiments.compare import parse_seeds, seeds_text
+
+    assert parse_seeds(text) == seeds and seeds_text(seeds) == back and parse_seeds(back) == seeds
+
+
+@pytest.mark.parametrize("text, message", [("7,7", "listed twice"), ("7,-1", "seeds >= 0"), (",", "seeds >= 0"),
+                                           ("7,a", "got 'a'"), ("-2", "at least 1")])
+def test_bad_seeds_are_usage_errors(text, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "configs/tiny_text.yaml", "--seeds", text])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, hint", [("seed=7", "--seeds"), ("loss.name=fkl", "--losses"),
+                                            ("train.total_steps=9", "--steps"), ("output_dir=x", "--out"),
+                                            ("train.eval_every=5", "evaluates each run")])
+def test_an_override_compare_would_replace_is_refused(override, hint, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["compare", "configs/tiny_text.yaml", "--seeds", "7,8", override]) == 2
+    key = override.split("=")[0]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {override}: compare sets {key} for every run itself; ") and hint in err
+    assert "\n" not in err
+
+
 def test_capacity_gap_study_config_is_checked(tmp_path, capsys):
     bad = tmp_path / "study.yaml"
     bad.write_text("study: capacity_gap\ndistill: x.yaml\nteacher_recipe: y.yaml\nteachers: []\n")
@@ -105,12 +133,15 @@ def test_compare_text_only_two_losses_two_seeds(tmp_path):
     md = (out / "compare.md").read_text()
     assert "taid-vlm compare" in md and "| taid | 2 |" in md and "| fkl | 2 |" in md and "TAID vs fkl" in md
     _png_ok(out / "compare.png")
-    # finished identical runs are reused, not retrained
-    # finished identical runs are reused, not retrained, also from a different sweep (here: one seed)
+    # finished identical runs are reused, not retrained, also from a different sweep: here the explicit
+    # seed 1 alone (how seeds are added to a published table: --seeds 0,1,2,7,8 reruns only 7 and 8)
     assert cmd[7:9] == ["--seeds", "2"]
-    again = subprocess.run(cmd[:8] + ["1"] + cmd[9:], env=_env(), capture_output=True, text=True,
+    again = subprocess.run(cmd[:8] + ["1,"] + cmd[9:], env=_env(), capture_output=True, text=True,
                            timeout=SUBPROCESS_TIMEOUT_S, cwd=str(REPO))
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 2, again.stdout[-2000:]
+    one = json.loads((out / "compare.json").read_text())
+    assert one["seeds"] == [1] and "--seeds 1, " in one["command"]
+    assert one["per_run"]["taid"] == [payload["per_run"]["taid"][1]]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import SUBPROCESS_TIMEOUT_S as TIMEOUT, env, records, run, step_losses, train_cmd
+from tests.train_helpers import SUBPROCESS_TIMEOUT_S as TIMEOUT, env, records, run, signal_at_step, step_losses, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -34,32 +34,6 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
-
-
-def signal_at_step(cmd: list[str], out: Path, at_step: int, signum: int, group: bool = False) -> subprocess.CompletedProcess:
-    """Start a run, send `signum` once it has logged `at_step` (to the run's whole process group, as a
-    terminal's Ctrl-C, `timeout` or a cluster scheduler do, when `group`), return the finished process."""
-    log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while we wait
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                start_new_session=group)
-        try:
-            while True:
-                if (out / "metrics.jsonl").exists() and max(step_losses(out), default=0) >= at_step:
-                    break
-                if proc.poll() is not None:
-                    pytest.fail(f"the run ended before step {at_step}: {log.read_text()[-3000:]}")
-                time.sleep(0.02)
-            if group:
-                os.killpg(proc.pid, signum)
-            else:
-                proc.send_signal(signum)
-            proc.wait(timeout=TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, "", log.read_text())
 
 
 # ---- signals ----------------------------------------------------------------------------------------
@@ -81,7 +55,7 @@ def test_sigterm_at_a_random_step_then_resume_equals_the_uninterrupted_run(shape
     assert len(stopped) == 1 and stopped[0]["signal"] == signal.SIGTERM
     step = stopped[0]["step"]
     assert at <= step < STEPS, (at, step)
-    assert f"stopped by SIGTERM after step {step}; checkpoint" in proc.stderr and "continue with --resume" in proc.stderr
+    assert f"stopped by SIGTERM after step {step}; checkpoint" in proc.stderr and "continue with the same command plus --resume" in proc.stderr
     tag = f"step{step:08d}"
     assert (out / "checkpoints" / "latest").read_text().strip() == tag
     assert (out / "checkpoints" / tag / "COMPLETE").is_file()
@@ -219,11 +193,13 @@ def test_overrides_reach_into_model_files_and_resume_names_what_changed(shapes_t
     state = torch.load(out / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt", weights_only=False)
     embed = [v for k, v in state["module"].items() if k.endswith("embed_tokens.weight")]
     assert len(embed) == 1 and embed[0].shape[1] == 32
+    # The resume takes the run's saved config (hidden_size 32 stays without being repeated); what the
+    # command changes is checked against the checkpoint: a model override or another loss is refused.
     line = error_line(fails(train_cmd("tiny_text.yaml", out, *data(shapes_text), "train.total_steps=4", "--resume",
-                                      "loss.name=fkl")))
+                                      "loss.name=fkl", "student.model.llm.config.num_hidden_layers=1")))
     assert line.startswith("error: cannot resume: the config changed since step00000002 was written (")
-    assert "student.model.llm.config.hidden_size: 32 -> 64" in line and "loss.name: 'taid' -> 'fkl'" in line
-    assert "start fresh with --overwrite or a new --output-dir" in line
+    assert "student.model.llm.config.num_hidden_layers: 2 -> 1" in line and "loss.name: 'taid' -> 'fkl'" in line
+    assert "hidden_size" not in line and "start fresh with --overwrite or a new --output-dir" in line
 
 
 def test_readme_loss_override_drops_the_taid_parameters_with_a_warning(shapes_text, tmp_path):

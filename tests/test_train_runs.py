@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import CONFIGS, SUBPROCESS_TIMEOUT_S, env, evals, records, run, step_losses, train_cmd
+from tests.train_helpers import (CONFIGS, SUBPROCESS_TIMEOUT_S, env, evals, records, run, signal_at_step, step_losses,
+                                 train_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +192,37 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(shapes_text, t
     assert "3 micro-batches in a row had a non-finite loss (at step 1)" in proc.stderr
     assert "train.max_nonfinite_in_a_row" in proc.stderr
     assert not [r for r in records(out) if "loss" in r]  # no step was taken
+
+
+STEP_LINE = re.compile(r"INFO taid_vlm\.progress: step (\d+)/(\d+) loss \d+\.\d{4} t [01]\.\d{3} tokens/s \d+(?: ETA (\S+))?$")
+
+
+def test_a_stopped_run_resumes_to_its_own_step_count_and_its_log_reads_line_by_line(shapes_text, tmp_path):
+    """Started with --max-steps 30 (the file says 20) under ZeRO-3, stdout and stderr to a file, stopped by
+    SIGTERM: the file holds one readable line per logged step (no bar, no per-command notices), and a
+    plain `--resume` trains on to step 30 with the run's saved settings."""
+    out = tmp_path / "run"
+    common = [*data_overrides(shapes_text), "train.eval_batches=1", "deepspeed.zero_stage=3",
+              "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
+    first = train_cmd("tiny_text.yaml", out, *common, "train.progress_bar=true", "train.log_every=2", "--max-steps", "30")
+    stopped = signal_at_step(first, out, 4, signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    step = [r for r in records(out) if r.get("event") == "stopped"][0]["step"]
+    assert 4 <= step < 20, step
+    with open(out.parent / f"{out.name}.log", newline="") as raw:  # as written: a bar's carriage returns kept
+        lines = raw.read().split("\n")
+    assert not [line for line in lines if "\r" in line] and max(map(len, lines)) < 400, max(lines, key=len)[:300]
+    steps = [STEP_LINE.search(line) for line in lines if "taid_vlm.progress: step " in line]
+    assert all(steps) and [int(m[1]) for m in steps] == list(range(2, step + 1, 2))
+    assert {m[2] for m in steps} == {"30"} and all(m[3] for m in steps)  # an ETA on every line before the end
+    for notice in ("Setting accelerator to CPU", "FutureWarning", "skipped 0 samples", "Traceback"):
+        assert notice not in stopped.stderr, notice
+
+    # train_cmd's train.progress_bar=false is the one setting this command changes (and says so)
+    resumed = run(train_cmd("tiny_text.yaml", out, *data_overrides(shapes_text), "--resume"))
+    assert (f"resuming with the run's saved config ({out / 'config.yaml'}); changed on this command: "
+            "train.progress_bar: True -> False\n") in resumed.stderr
+    assert sorted(step_losses(out)) == list(range(2, 31, 2))  # the saved log_every, to the saved 30 steps
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000030"
+    last = [STEP_LINE.search(line) for line in resumed.stderr.splitlines() if "progress: step 30/" in line]
+    assert len(last) == 1 and last[0][3] is None

@@ -142,6 +142,37 @@ def test_resuming_a_finished_run_evaluates_without_rewriting_its_checkpoint(smal
 
 
 @pytest.mark.slow
+def test_resume_takes_the_runs_saved_config_and_logs_what_the_command_changes(small_text, tmp_path, one_process_group,
+                                                                             caplog):
+    """A run started with overrides (9 steps, lr 5e-4, log every 3; the file says 20, 1e-3, 1) and stopped
+    after step 2: `--resume` alone continues with the run's settings, not the file's, to step 9; an
+    override on the resume command wins and is logged."""
+    from taid_vlm.train.resume_config import run_config
+
+    out = tmp_path / "run"
+    stopped = Trainer(config(small_text, out, "train.total_steps=9", "optim.lr=5e-4", "train.log_every=3"))
+    stopped.setup().resume()
+    stopped.train_step(), stopped.train_step()
+    stopped.save()  # what a stop request does after step 2
+    stopped.metrics.close()
+
+    resume = [f"data.train={small_text}/train", f"output_dir={out}", "train.resume=true"]
+    with caplog.at_level("INFO", "taid_vlm.train"):
+        longer = run_config(CONFIGS / "tiny_text.yaml", [*resume, "train.total_steps=12"])
+        assert "changed on this command: train.total_steps: 9 -> 12" in caplog.text
+        cfg = run_config(CONFIGS / "tiny_text.yaml", resume)
+        assert caplog.text.rstrip().endswith(f"resuming with the run's saved config ({out / 'config.yaml'}); "
+                                             "nothing changed on this command")
+    assert (longer.train.total_steps, longer.optim.lr) == (12, 5e-4)
+    assert (cfg.train.total_steps, cfg.optim.lr, cfg.train.log_every, cfg.train.resume) == (9, 5e-4, 3, True)
+    again = Trainer(cfg).setup().resume()
+    assert again.step == 2
+    again.fit()
+    assert again.step == 9 and [r["step"] for r in records(out) if "loss" in r] == [3, 6, 9]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000009"
+
+
+@pytest.mark.slow
 def test_sft_run_with_a_teacher_evaluates_against_it_but_trains_alone(small_text, tmp_path, one_process_group):
     sft = ["loss.name=ce", "loss.params={}"]
     with_teacher = Trainer(config(small_text, tmp_path / "a", *sft)).setup().resume()

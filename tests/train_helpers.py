@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from taid_vlm.train.launch_env import free_port
@@ -51,6 +52,32 @@ def step_losses(out: Path) -> dict[int, float]:
 
 def evals(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(out) if "eval_kl" in r or "eval_student_ce" in r}
+
+
+def signal_at_step(cmd: list[str], out: Path, at_step: int, signum: int, group: bool = False) -> subprocess.CompletedProcess:
+    """Start a run, send `signum` once it has logged `at_step` (to the run's whole process group, as a
+    terminal's Ctrl-C, `timeout` or a cluster scheduler do, when `group`), return the finished process."""
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while we wait
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                start_new_session=group)
+        try:
+            while True:
+                if (out / "metrics.jsonl").exists() and max(step_losses(out), default=0) >= at_step:
+                    break
+                if proc.poll() is not None:
+                    raise AssertionError(f"the run ended before step {at_step}: {log.read_text()[-3000:]}")
+                time.sleep(0.02)
+            if group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+            proc.wait(timeout=SUBPROCESS_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", log.read_text())
 
 
 def one_engine_script(body: str, arg_name: str, features: int, zero_stage: int) -> str:

@@ -636,7 +636,8 @@ class Loader:
             later = sorted(active, key=lambda a: (a - w - 1) % n_slots)
             self._next = later[0]
             yield item
-        log.info("eval pass done: %s", self.skips.summary())
+        if self.skips.total:  # a clean pass says nothing
+            log.info("eval pass done: %s", self.skips.summary())
         self._finished = True
 
     def __repr__(self) -> str:

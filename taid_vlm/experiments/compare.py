@@ -1,11 +1,14 @@
-"""`taid-vlm compare CONFIG --losses taid,fkl,rkl,... [--seeds 3] [--steps N] [--out DIR]`
+"""`taid-vlm compare CONFIG --losses taid,fkl,rkl,... [--seeds 3 | --seeds 7,8] [--steps N] [--out DIR]`
 
 Runs every loss on the same data, teacher, student initialisation, number of steps and seeds, and
 writes one table: the final held-out metrics, mean ± sample std over the seeds. Per seed s, the run is
 `taid-vlm train CONFIG seed=s loss.name=LOSS` (the student is built right after torch.manual_seed(seed),
 so all losses start from the same student for a seed; seed also orders the data stream; the teacher
 is the config's, frozen). A loss other than the config's own runs with its default parameters
-(`loss.params={}`); the config's loss keeps its parameters. Extra `key=value` overrides apply to every run.
+(`loss.params={}`); the config's loss keeps its parameters. Extra `key=value` overrides apply to every run;
+one of a key compare sets itself (seed, loss.name, ...: COMPARE_SETS) is refused, not silently replaced.
+`--seeds 3` runs seeds 0, 1, 2; `--seeds 7,8` runs those: with the same --out, finished runs are reused,
+so `--seeds 0,1,2,7,8` adds two seeds to a table of three.
 
 A capacity-gap study config (`study: capacity_gap`, see configs/demo/capacity_gap.yaml) trains each
 listed teacher with cross-entropy on the same data, then runs the comparison once per teacher, and
@@ -48,6 +51,54 @@ def parse_losses(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise CompareError(f"--losses: a loss is listed twice: {text}")
     return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1) or explicit seeds separated by commas (``7,8``; one seed: ``7,``)."""
+    if "," not in text:
+        count = _integer(text)
+        if count < 1:
+            raise CompareError(f"--seeds: a count must be at least 1, got {count}")
+        return list(range(count))
+    seeds = [_integer(x) for x in text.split(",") if x.strip()]
+    if not seeds or any(s < 0 for s in seeds):
+        raise CompareError(f"--seeds: give seeds >= 0, e.g. --seeds 7,8 (got {text!r})")
+    if len(set(seeds)) != len(seeds):
+        raise CompareError(f"--seeds: a seed is listed twice: {text}")
+    return seeds
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise CompareError(f"--seeds: expected a count (3: seeds 0,1,2) or a list of seeds (7,8), got {text!r}") from None
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """``--seeds`` that runs exactly these seeds (a count when they are 0..N-1)."""
+    seeds = list(seeds)
+    if seeds == list(range(len(seeds))):
+        return str(len(seeds))
+    return ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")
+
+
+# Keys compare sets on every run itself: an override of one would be replaced without a word.
+COMPARE_SETS = {"seed": "give the seeds with --seeds (a count N: 0..N-1, or a list: --seeds 7,8)",
+                "loss.name": "give the losses with --losses", "train.total_steps": "give the steps with --steps",
+                "output_dir": "give the folder with --out",
+                "train.eval_every": "compare evaluates each run 10 times and at step 0",
+                "train.eval_at_start": "compare evaluates each run 10 times and at step 0"}
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """``key=value`` overrides, none of a key compare sets itself (COMPARE_SETS)."""
+    for item in overrides:
+        if "=" not in item:
+            raise CompareError(f"override {item!r} must look like key.sub=value")
+        key = item.split("=", 1)[0].strip()
+        if key in COMPARE_SETS:
+            raise CompareError(f"{item}: compare sets {key} for every run itself; {COMPARE_SETS[key]}")
 
 
 def is_study(path: Path) -> bool:
@@ -123,7 +174,7 @@ def run_compare(config: Path, losses: Sequence[str], seeds: Sequence[int], steps
                 teacher = {k: final[k] for k in ("eval_teacher_ce", "eval_teacher_acc") if k in final}
     keys = [k for k, _, _ in COMPARE_METRICS] + ["eval_teacher_ce", "eval_teacher_acc", "eval_tokens"]
     agg = aggregate(per_run, keys)
-    command = ("taid-vlm compare " + _rel(config) + f" --losses {','.join(losses)} --seeds {len(seeds)}"
+    command = ("taid-vlm compare " + _rel(config) + f" --losses {','.join(losses)} --seeds {seeds_text(seeds)}"
                f" --steps {steps}" + (f" --out {_rel(out)}" if out else "")
                + (" " + overrides_text(overrides) if overrides else ""))
     result = CompareResult(list(losses), list(seeds), steps, per_run, agg, curves, teacher, command,
@@ -294,7 +345,7 @@ def _write_gap_report(path: Path, out: Path, losses: list, seeds: list, steps, r
     header = (["teacher", "parameters", "teacher answer-token acc"] + [f"KL {m}" for m in losses]
               + [f"{m} − taid KL" for m in losses if m != "taid"] + [f"student acc {m}" for m in losses])
     md = ["# Capacity-gap study: one student, teachers of growing size", "", "```bash",
-          f"taid-vlm compare {_rel(Path(path))} --losses {','.join(losses)} --seeds {len(seeds)}"
+          f"taid-vlm compare {_rel(Path(path))} --losses {','.join(losses)} --seeds {seeds_text(seeds)}"
           + (f" --steps {steps}" if steps else "") + f" --out {_rel(out)}", "```", "",
           "Held-out KL(teacher ‖ student) per answer token after the same number of steps (mean ± std over seeds), "
           "and the margin baseline − TAID (positive: TAID is closer to the teacher). KL values of different "
@@ -338,19 +389,17 @@ def _plot_gap(per_teacher: dict, losses: Sequence[str], path: Path) -> Path:
     return path
 
 
-def run_cli(config: str, losses: Optional[list], seeds: Optional[int], steps: Optional[int], out: Optional[str],
-            overrides: list, fresh: bool = False) -> int:
-    """`taid-vlm compare`: a training config -> run_compare; a study config -> run_capacity_gap."""
+def run_cli(config: str, losses: Optional[list], seeds: Optional[Sequence[int]], steps: Optional[int],
+            out: Optional[str], overrides: list, fresh: bool = False) -> int:
+    """`taid-vlm compare`: a training config -> run_compare; a study config -> run_capacity_gap. ``seeds``:
+    the seeds to run (default: 0, or the study's count)."""
     path = Path(config)
     if not path.is_file():
         raise CompareError(f"config file not found: {config}")
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise CompareError(f"override {bad[0]!r} must look like key.sub=value")
+    check_overrides(overrides)
     out_dir = Path(out) if out else Path("runs") / "compare" / path.stem
     if is_study(path):
-        run_capacity_gap(path, losses, list(range(seeds)) if seeds else None, steps, out_dir, overrides, fresh)
+        run_capacity_gap(path, losses, seeds, steps, out_dir, overrides, fresh)
     else:
-        run_compare(path, losses or list(DEFAULT_LOSSES), list(range(seeds or 1)), steps, out_dir, overrides,
-                    fresh=fresh)
+        run_compare(path, losses or list(DEFAULT_LOSSES), list(seeds or [0]), steps, out_dir, overrides, fresh=fresh)
     return 0

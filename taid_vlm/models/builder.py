@@ -51,11 +51,12 @@ def _build_composed(cfg: dict, dtype, where: str) -> DistillableModel:
     from .composed import ComposedVLM
     from .language_model import build_language_model
     from .projectors import build_projector
-    from .tokenizer_loading import image_token_id, load_tokenizer
+    from .folder_checks import load_tokenizer_checked
+    from .tokenizer_loading import image_token_id
     from .vision import build_vision
 
     check_keys(cfg, _COMPOSED_KEYS, where, required=("tokenizer", "vision", "projector", "llm"))
-    tokenizer = load_tokenizer(cfg["tokenizer"], f"{where}.tokenizer")
+    tokenizer = load_tokenizer_checked(cfg["tokenizer"], f"{where}.tokenizer")
     image_token = cfg.get("image_token") or "<image>"
     tid = image_token_id(tokenizer, image_token, f"{where}.image_token")
     vision = build_vision(cfg["vision"], dtype, f"{where}.vision")
@@ -69,10 +70,10 @@ def _build_composed(cfg: dict, dtype, where: str) -> DistillableModel:
 
 def _build_causal_lm(cfg: dict, dtype, where: str) -> DistillableModel:
     from .language_model import build_language_model
+    from .folder_checks import load_tokenizer_checked
     from .text_only import CausalLM
-    from .tokenizer_loading import load_tokenizer
 
     check_keys(cfg, _CAUSAL_KEYS, where, required=("tokenizer", "llm"))
-    tokenizer = load_tokenizer(cfg["tokenizer"], f"{where}.tokenizer")
+    tokenizer = load_tokenizer_checked(cfg["tokenizer"], f"{where}.tokenizer")
     llm = build_language_model(cfg["llm"], tokenizer, dtype, f"{where}.llm")
     return CausalLM(llm, tokenizer, cfg)

@@ -51,7 +51,10 @@ def build_image_processor(path: Optional[str], overrides: Any, vision_model_type
     if path is not None and (Path(path) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(str(path))
+        from .folder_checks import reading_folder
+
+        with reading_folder(where, path):
+            processor = AutoImageProcessor.from_pretrained(str(path))
     else:
         if vision_model_type not in _DEFAULT_PROCESSOR:
             raise ValueError(f"{where}: no default image processor for vision model type {vision_model_type!r}; "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config_checks import check_keys, choose
+from .folder_checks import check_model_folder, reading_folder
 from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
 from .vision_encoder import VisionEncoder, check_feature_layer
 
@@ -53,10 +54,11 @@ class HFVisionEncoder(VisionEncoder):
             path = Path(cfg["path"]).expanduser()
             if not path.is_dir():
                 raise ValueError(f"{where}.path: {str(path)!r} is not a local directory")
-            model_type = AutoConfig.from_pretrained(str(path)).model_type
+            model_type = check_model_folder(path, f"{where}.path")
             choose(model_type, _VISION_CLASSES, f"{where}.path", "vision model type")
             # a full CLIP/SigLIP checkpoint loads into the vision-only class: the text half is skipped
-            model = getattr(transformers, _VISION_CLASSES[model_type]).from_pretrained(str(path), dtype=dtype)
+            with reading_folder(f"{where}.path", path):
+                model = getattr(transformers, _VISION_CLASSES[model_type]).from_pretrained(str(path), dtype=dtype)
         else:
             conf = dict(cfg["config"])
             model_type = choose(conf.pop("model_type", None), _VISION_CLASSES, f"{where}.config.model_type",

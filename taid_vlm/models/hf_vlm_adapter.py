@@ -32,8 +32,9 @@ from .hf_families import FAMILIES, family
 from .hf_image_processing import HFImageTransform, build_image_processor, processor_dict
 from .hf_qwen_image_inputs import image_inputs_for
 from .language_model import check_language_model, enable_checkpointing
+from .folder_checks import (ModelFolderError, check_model_folder, check_processor_files, load_tokenizer_checked,
+                            reading_folder)
 from .tokenizer_loading import image_token_id as lookup_image_token_id
-from .tokenizer_loading import load_tokenizer
 
 KEYS = ("type", "path", "config", "tokenizer", "image_processor", "image_token", "tokens_per_image", "dtype",
         "attn_implementation", "gradient_checkpointing", "freeze", "processor")
@@ -75,7 +76,7 @@ class HFVisionLanguageModel(DistillableModel):
 
     @classmethod
     def from_config(cls, cfg: dict, dtype: torch.dtype, where: str = "model") -> "HFVisionLanguageModel":
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText
 
         cfg = check_keys(cfg, KEYS, where)
         if (cfg.get("path") is None) == (cfg.get("config") is None):
@@ -86,22 +87,17 @@ class HFVisionLanguageModel(DistillableModel):
         tok_cfg = cfg.get("tokenizer") or ({"path": str(path)} if path is not None else None)
         if tok_cfg is None:
             raise ValueError(f"{where}.tokenizer: required when the model is built from 'config'")
-        tokenizer = load_tokenizer(tok_cfg, f"{where}.tokenizer")
         attn = cfg.get("attn_implementation") or "sdpa"
-        if path is not None:
-            model_type = AutoConfig.from_pretrained(str(path)).model_type
-        else:
-            model_type = (cfg["config"] or {}).get("model_type")
-            if model_type is None:
-                raise ValueError(f"{where}.config.model_type: required (one of {list(SUPPORTED)})")
-        if model_type != "llava":
-            fam = family(model_type, f"{where}.config.model_type")
+        model_type, fam = _model_type(cfg, path, where)  # the folder first: what else it must hold depends on it
+        tokenizer = load_tokenizer_checked(tok_cfg, f"{where}.tokenizer")
+        if fam is not None:
             return cls._dynamic(cfg, path, model_type, fam, tokenizer, dtype, attn, where)
         image_token = cfg.get("image_token") or "<image>"
         tok_image_id = lookup_image_token_id(tokenizer, image_token, f"{where}.image_token")
 
         if path is not None:
-            hf = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+            with reading_folder(f"{where}.path", path):
+                hf = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
         else:
             conf = _text_config_from_tokenizer(cfg["config"], tokenizer)
             conf.setdefault("image_token_index", tok_image_id)
@@ -130,7 +126,8 @@ class HFVisionLanguageModel(DistillableModel):
         if cfg.get("tokens_per_image") is not None:
             raise ValueError(f"{where}.tokens_per_image: not used by {model_type!r}: its processor decides per image")
         if path is not None:
-            hf = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+            with reading_folder(f"{where}.path", path):
+                hf = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
         else:
             conf = _text_config_from_tokenizer(cfg["config"], tokenizer)
             for key, token in fam.token_ids.items():
@@ -143,9 +140,13 @@ class HFVisionLanguageModel(DistillableModel):
         proc_cfg = check_keys(cfg.get("processor") or {}, ("path",), f"{where}.processor")
         proc_path = proc_cfg.get("path") or (str(path) if path is not None else None)
         if proc_path is not None:
-            if not Path(proc_path).expanduser().is_dir():
-                raise ValueError(f"{where}.processor.path: {proc_path!r} is not a local directory")
-            processor = AutoProcessor.from_pretrained(str(Path(proc_path).expanduser()))
+            proc_where = f"{where}.processor.path" if proc_cfg.get("path") else f"{where}.path"
+            proc_dir = Path(proc_path).expanduser()
+            if not proc_dir.is_dir():
+                raise ValueError(f"{proc_where}: {proc_path!r} is not a local directory")
+            check_processor_files(proc_dir, proc_where)
+            with reading_folder(proc_where, proc_dir):
+                processor = AutoProcessor.from_pretrained(str(proc_dir))
             if cfg.get("image_processor"):
                 ip = processor.image_processor
                 processor.image_processor = type(ip).from_dict({**processor_dict(ip), **cfg["image_processor"]})
@@ -290,6 +291,25 @@ def _text_config_from_tokenizer(config: dict, tokenizer) -> dict:
         text.setdefault(key, getattr(tokenizer, key))
     conf["text_config"] = text
     return conf
+
+
+def _model_type(cfg: dict, path: Optional[Path], where: str):
+    """(model_type, its dynamic family or None for llava), from the folder's config.json (checked with its
+    weights) or from ``config``; an unsupported type names the key it came from (and the file)."""
+    if path is not None:
+        model_type, key = check_model_folder(path, f"{where}.path"), f"{where}.path"
+    else:
+        model_type, key = (cfg["config"] or {}).get("model_type"), f"{where}.config.model_type"
+        if model_type is None:
+            raise ValueError(f"{key}: required (one of {list(SUPPORTED)})")
+    if model_type == "llava":
+        return model_type, None
+    try:
+        return model_type, family(model_type, key)
+    except ValueError as e:
+        if path is None:
+            raise
+        raise ModelFolderError(str(e), str(path / "config.json")) from None
 
 
 def _from_config(model_type: str, conf: dict, dtype, attn: str, where: str):

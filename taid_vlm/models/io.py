@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from .saving import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, save_model, write_model_files  # noqa: F401 (re-exported)
 
@@ -25,19 +25,25 @@ def _resolve(path_value, directory: Path):
     return str(directory / path_value)
 
 
-def load_model(directory: Union[str, Path], role: str = "student"):
-    """Rebuild a model saved by ``save_pretrained``; outputs are bit-identical to the saved model's."""
+def load_model(directory: Union[str, Path], role: str = "student", where: Optional[str] = None):
+    """Rebuild a model saved by ``save_pretrained``; outputs are bit-identical to the saved model's.
+    ``where`` names the folder in errors (default ``<role>.model.saved``)."""
     from safetensors.torch import load_file
 
     from .builder import build_model
+    from .folder_checks import ModelFolderError, check_safetensors
 
-    directory = Path(directory)
+    directory, where = Path(directory), where or f"{role}.model.saved"
     cfg_file = directory / CONFIG_FILE
     if not cfg_file.is_file():
-        raise ValueError(f"{str(directory)!r} is not a saved taid-vlm model (no {CONFIG_FILE})")
-    payload = json.loads(cfg_file.read_text())
+        raise ModelFolderError(f"{where}: not a saved taid-vlm model (no {CONFIG_FILE})", str(directory))
+    try:
+        payload = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{where}: {CONFIG_FILE} is not valid JSON ({e})", str(cfg_file)) from None
     if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_file}: format_version {payload.get('format_version')!r}; expected {FORMAT_VERSION}")
+        raise ModelFolderError(f"{where}: format_version {payload.get('format_version')!r}; expected {FORMAT_VERSION}",
+                               str(cfg_file))
     cfg = payload["model"]
     cfg["path"] = _resolve(cfg.get("path"), directory) if "path" in cfg else None
     if cfg["path"] is None:
@@ -45,12 +51,16 @@ def load_model(directory: Union[str, Path], role: str = "student"):
     for section in ("tokenizer", "llm", "vision"):
         if isinstance(cfg.get(section), dict) and cfg[section].get("path") is not None:
             cfg[section]["path"] = _resolve(cfg[section]["path"], directory)
-    model = build_model(cfg, role=role)
+    model = build_model(cfg, role=role, where=where)
     weights = directory / WEIGHTS_FILE
+    if cfg.get("type") == "composed" and not weights.is_file():  # else: a random vision tower and projector
+        raise ModelFolderError(f"{where}: no {WEIGHTS_FILE} (the vision tower and projector weights)", str(weights))
     if weights.is_file():
+        check_safetensors(weights, where)
         state = load_file(str(weights))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("llm.")]  # the LM came from llm/
         if missing or unexpected:
-            raise ValueError(f"{weights}: does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+            raise ModelFolderError(f"{where}: the weights do not fit the model: missing {missing[:8]}, "
+                                   f"unexpected {unexpected[:8]}", str(weights))
     return model

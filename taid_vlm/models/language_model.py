@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .config_checks import check_keys
+from .folder_checks import check_model_folder, reading_folder
 
 KEYS = ("config", "path", "attn_implementation", "gradient_checkpointing")
 
@@ -27,7 +28,9 @@ def build_language_model(cfg: Any, tokenizer, dtype: torch.dtype, where: str = "
         path = Path(cfg["path"]).expanduser()
         if not path.is_dir():
             raise ValueError(f"{where}.path: {str(path)!r} is not a local directory")
-        llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+        check_model_folder(path, f"{where}.path")
+        with reading_folder(f"{where}.path", path):
+            llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
     else:
         conf = dict(cfg["config"])
         model_type = conf.pop("model_type", None)

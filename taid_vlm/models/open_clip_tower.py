@@ -48,7 +48,13 @@ def _weights_file(pretrained: str, where: str) -> Path:
 def _load_tower_weights(tower, pretrained: str, where: str) -> None:
     from open_clip.factory import load_state_dict
 
-    state = load_state_dict(str(_weights_file(pretrained, where)))
+    from .folder_checks import check_safetensors, reading_folder
+
+    file = _weights_file(pretrained, where)
+    if file.suffix == ".safetensors":
+        check_safetensors(file, where)
+    with reading_folder(where, file):  # a corrupt torch pickle: one line naming the file
+        state = load_state_dict(str(file))
     if any(k.startswith("visual.") for k in state):  # a full CLIP checkpoint: keep the vision half
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     try:

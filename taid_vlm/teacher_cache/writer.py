@@ -41,6 +41,7 @@ from taid_vlm.data.shards import expand_shards
 from taid_vlm.data.skips import SampleError, SkipCounter
 from taid_vlm.losses import OnlineTeacher
 from taid_vlm.losses.chunked import default_chunk_size
+from taid_vlm.progress import LoopProgress
 
 from . import format as fmt
 from .lm_head import save_lm_head
@@ -295,6 +296,7 @@ def _write_companions(work: Iterator, run_teacher: _TeacherRecords, out: Path, l
     from taid_vlm.train.launch_env import all_reduce_sum
 
     shard = None
+    shown = LoopProgress(f"teacher cache (rank {rank})", unit="samples", enabled=rank == 0)
     while True:
         nxt = next(work, None)
         if lockstep and all_reduce_sum([1.0 if nxt is not None else 0.0], device)[0] == 0:
@@ -308,12 +310,14 @@ def _write_companions(work: Iterator, run_teacher: _TeacherRecords, out: Path, l
         if shard is None:
             shard = _CompanionShard(out, job, compress)
         shard.write(items, run_teacher(items))
+        shown.advance(len(items))
         if last:
             entry = shard.finish(stats)
             log.info("rank %d: %s: %d samples cached, %d skipped, %d tokens, %.1f bytes/token", rank, job.companion,
                      shard.cached, sum(stats["skipped"].values()), shard.tokens,
                      entry["bytes"] / max(shard.tokens, 1))
             shard = None
+    shown.close()
 
 
 def cache_layout(kind: str = "topk", k: Optional[int] = 64, logprob_dtype: str = "float16",

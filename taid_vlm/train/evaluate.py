@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import torch
 
 from taid_vlm.losses import TeacherSource
+from taid_vlm.progress import LoopProgress
 
 from .launch_env import all_reduce_sum
 from .objective import hidden_at
@@ -49,16 +50,18 @@ def metric_sums(h_s, w_s, teacher: Optional[TeacherSource], targets, chunk: int 
 
 
 def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
-             to_device=None) -> dict[str, float]:
+             to_device=None, progress: Optional[str] = None) -> dict[str, float]:
     """Every rank calls this. Ranks that run out of batches keep stepping with a zero-weight batch so that
     ZeRO-3's collective parameter gathers stay matched. ``objective.student`` is the student model;
-    ``teacher`` a train.teacher.Teacher or None (batches may carry a cached top-k instead)."""
+    ``teacher`` a train.teacher.Teacher or None (batches may carry a cached top-k instead). ``progress``:
+    the name to show the loop's progress under (taid_vlm.progress; None: silent, e.g. ranks > 0)."""
     was_training = objective.training
     objective.eval()
     totals = dict.fromkeys(METRICS, 0.0)
     count, seen, with_teacher = 0.0, 0, teacher is not None
     iterator = iter(batches)
     last: Optional[dict] = None
+    shown = LoopProgress(progress or "", max_batches or None, enabled=progress is not None)
     try:
         while True:
             batch = next(iterator, None) if not max_batches or seen < max_batches else None
@@ -78,7 +81,9 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
                 for k in METRICS:
                     totals[k] += sums[k]
                 count += float(batch["student"]["loss_targets"].numel())
+            shown.advance()
     finally:
+        shown.close()
         objective.train(was_training)
     reduced = all_reduce_sum([totals[k] for k in METRICS] + [count], device)
     n = max(reduced[-1], 1.0)

@@ -1,7 +1,9 @@
-"""Process-group setup that works both under a launcher (deepspeed, torchrun) and in one plain process."""
+"""Process-group setup that works both under a launcher (deepspeed, torchrun) and in one plain process,
+and the process's logging (INFO on rank 0, warnings only on the others)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -13,6 +15,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def configure_logging(rank: int = -1) -> None:
+    """Rank 0 logs INFO, other ranks WARNING; ``rank`` -1: from the launcher's RANK (0 without one).
+    The first call wins (logging.basicConfig), so lines logged before the process group exists look alike."""
+    rank = int(os.environ.get("RANK", "0")) if rank < 0 else rank
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def quiet_library_notices() -> None:
+    """Notices of the libraries that no user can act on, printed by every command (and every rank):
+    DeepSpeed's 'Setting accelerator to CPU' on a machine without a GPU (the run summary says the
+    device once), torch's FutureWarnings about the collectives DeepSpeed's ZeRO-3 calls."""
+    import warnings
+
+    if "DS_ACCELERATOR" not in os.environ:
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's choice anyway, without its warning
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def skip_deepspeed_shm_op() -> None:

@@ -1,5 +1,6 @@
 """Rank-0 logging: metrics.jsonl (one JSON object per logged step or eval), TensorBoard when installed,
-and a progress bar with step, loss, t, tokens/s and ETA."""
+and the step progress (taid_vlm.progress: a bar on a terminal, else one line per logged step with step,
+loss, t, tokens/s and ETA)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from taid_vlm.progress import StepProgress
 
 log = logging.getLogger("taid_vlm.train")
 
@@ -31,10 +34,8 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             except Exception:  # tensorboard is optional
                 self._tb = None
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        # The bar on a terminal (train.progress_bar: false turns it off); one line per logged step elsewhere.
+        self._bar = StepProgress(total_steps, start_step, bar=progress_bar)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -48,15 +49,8 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, record["step"])
 
     def progress(self, step: int, loss: float, t: Optional[float], tokens_per_s: float, dropped: int = 0) -> None:
-        if self._bar is None:
-            return
-        post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
-        if t is not None:
-            post["t"] = f"{t:.3f}"
-        if dropped:
-            post["dropped"] = str(dropped)  # non-finite micro-batches left out so far
-        self._bar.set_postfix(post, refresh=False)
-        self._bar.update(step - self._bar.n)
+        if self._bar is not None:
+            self._bar.update(step, loss, t, tokens_per_s, dropped)
 
     def close(self) -> None:
         if not self.enabled:

@@ -151,10 +151,10 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def _differences(old: Any, new: Any, where: str) -> Iterator[str]:
+def config_differences(old: Any, new: Any, where: str) -> Iterator[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
-            yield from _differences(old.get(k), new.get(k), f"{where}.{k}")
+            yield from config_differences(old.get(k), new.get(k), f"{where}.{k}")
     elif old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and float(old) == float(new)):
         yield f"{where}: {old!r} -> {new!r}"
 
@@ -172,7 +172,7 @@ def check_resume_compatible(cfg: RunConfig, checkpoint: Path) -> None:
     if old is None:
         return
     new = cfg.to_dict()
-    changes = [line for key in RESUME_MUST_MATCH for line in _differences(_get(old, key), _get(new, key), key)]
+    changes = [line for key in RESUME_MUST_MATCH for line in config_differences(_get(old, key), _get(new, key), key)]
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise UserError(f"cannot resume: the config changed since {Path(checkpoint).name} was written ({shown}); "

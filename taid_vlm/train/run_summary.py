@@ -54,7 +54,7 @@ def _millions(n: int) -> str:
 
 
 def summary_lines(teacher, student, world: int, micro_batch: int, grad_accum: int, max_length: int,
-                  shards: dict[str, list[str]], teacher_cache: Optional[str] = None) -> list[str]:
+                  shards: dict[str, list[str]], teacher_cache: Optional[str] = None, device: str = "") -> list[str]:
     lines = []
     for role, module in (("student", student), ("teacher", teacher)):
         counts = parameter_counts(module)
@@ -63,7 +63,8 @@ def summary_lines(teacher, student, world: int, micro_batch: int, grad_accum: in
     if teacher is None and teacher_cache:
         lines.append(f"teacher: top-k cache {teacher_cache} (no teacher model built)")
     samples_per_step = micro_batch * grad_accum * world
-    lines.append(f"world size {world}; {samples_per_step} samples per optimizer step (micro-batch {micro_batch} x "
+    on = f" on {device}" if device else ""  # the device, said once (DeepSpeed's own CPU warning is silenced)
+    lines.append(f"world size {world}{on}; {samples_per_step} samples per optimizer step (micro-batch {micro_batch} x "
                  f"grad_accum {grad_accum} x {world} ranks), at most {samples_per_step * max_length} tokens "
                  f"(max_length {max_length})")
     for name, found in shards.items():

@@ -32,7 +32,8 @@ class TrainingStopped(Exception):
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         saved = f"checkpoint {checkpoint} written" if checkpoint else "no checkpoint written"
-        super().__init__(f"stopped by {name} after step {step}; {saved}; continue with --resume")
+        super().__init__(f"stopped by {name} after step {step}; {saved}; continue with the same command plus "
+                         "--resume (the run's saved settings are kept: steps, overrides)")
 
 
 class GracefulStop:

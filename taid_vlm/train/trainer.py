@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from taid_vlm.config import ConfigError, RunConfig
+from taid_vlm.errors import UserError
 
 from . import checkpoint as ckpt
 from . import preflight
@@ -37,7 +38,7 @@ from .ds_config import student_ds_config
 from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard, parameter_norm
-from .launch_env import all_reduce_sum, init_distributed
+from .launch_env import all_reduce_sum, configure_logging, init_distributed
 from .metrics_log import MetricsLog
 from .objective import DistillationObjective, step_denominator, step_loss
 from .run_summary import summary_lines
@@ -67,8 +68,7 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg = self.cfg
         self.rank, self.world, self.device = init_distributed()
-        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(self.rank)
         self.out_dir = Path(cfg.resolve_path(cfg.output_dir))
         self.ckpt_root = self.out_dir / "checkpoints"
         # Every check that needs no model first (paths, model keys, run folder, resume compatibility).
@@ -79,7 +79,7 @@ class Trainer:
         try:
             self._build_student_side()
         except (ValueError, OSError) as e:  # the model builders name the key; a bad folder is a user error too
-            if isinstance(e, ConfigError):
+            if isinstance(e, UserError):  # already one line naming the key (and the file)
                 raise
             raise ConfigError(str(e)) from e
         self._build_teacher_side()
@@ -131,7 +131,8 @@ class Trainer:
         if self.rank == 0:
             t = self.cfg.train
             for line in summary_lines(self.teacher_model, self.student_model, self.world, t.micro_batch_size,
-                                      t.grad_accum, self.cfg.data.max_length, self.shards, self.cfg.teacher.cache):
+                                      t.grad_accum, self.cfg.data.max_length, self.shards, self.cfg.teacher.cache,
+                                      self.device.type):
                 log.info(line)
 
     # ---- resume ----------------------------------------------------------------------------------
@@ -296,7 +297,8 @@ class Trainer:
         if self.make_val_loader is None:
             return {}
         result = evaluate(self.engine.module, self.teacher, self.make_val_loader(), self.device, self.vocab_size,
-                          self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device))
+                          self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
+                          progress=f"eval step {self.step}" if self.rank == 0 else None)
         self.metrics.write({"step": self.step, **result})
         if self.rank == 0:
             log.info("eval step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
@@ -331,7 +333,8 @@ class Trainer:
     def close(self) -> None:
         skips, counts = self.train_loader.skips, self._data_counters()
         if self.rank == 0:
-            log.info("skipped samples: %s", skips.summary())
+            if skips.total:  # nothing when nothing was skipped
+                log.info("%s", skips.summary())
             used, cut = counts["samples_used"], counts["truncated_samples"]
             unaligned = counts["unaligned_tokens_dropped"]
             log.info("samples used%s: %d, %d of them (%.1f %%) cut to data.max_length %d%s",
