@@ -28,8 +28,9 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
-from .report import (COMPARE_METRICS, Stat, aggregate, compare_rows, markdown_table, plot_compare, text_table,
-                     with_derived)
+from .colours import method_colour
+from .report import (COMPARE_METRICS, Stat, _plt, _save, aggregate, compare_rows, markdown_table, plot_compare,
+                     text_table, with_derived)
 from .runs import Metrics, TrainJob, overrides_text, run_export, run_training
 
 DEFAULT_LOSSES = ("taid", "fkl", "rkl", "sfkl")
@@ -364,8 +365,11 @@ def _write_gap_report(path: Path, out: Path, losses: list, seeds: list, steps, r
 
 
 def _plot_gap(per_teacher: dict, losses: Sequence[str], path: Path) -> Path:
-    from .report import _plt
+    return _save(draw_capacity_gap(per_teacher, losses), path)
 
+
+def draw_capacity_gap(per_teacher: dict, losses: Sequence[str]):
+    """Student KL (log axis) and accuracy against teacher size, one colour per method (colours.py)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     names = list(per_teacher)
@@ -374,19 +378,17 @@ def _plot_gap(per_teacher: dict, losses: Sequence[str], path: Path) -> Path:
         for ax, key in zip(axes, ("eval_kl", "eval_student_acc")):
             ys = [per_teacher[n]["agg"][m][key].mean for n in names]
             es = [per_teacher[n]["agg"][m][key].std for n in names]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, color=method_colour(m))
     teacher_acc = [per_teacher[n]["teacher_eval"].get("eval_student_acc", float("nan")) for n in names]
-    axes[1].plot(xs, teacher_acc, linestyle="--", color="gray", marker="s", label="teacher")
+    axes[1].plot(xs, teacher_acc, linestyle="--", color=method_colour("teacher"), marker="s", label="teacher")
+    axes[0].set_yscale("log")
     for ax, title in zip(axes, ("held-out KL(T‖S) of the student ↓", "student answer-token accuracy ↑")):
         ax.set_xscale("log")
         ax.set_xlabel("teacher parameters (M)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def run_cli(config: str, losses: Optional[list], seeds: Optional[Sequence[int]], steps: Optional[int],

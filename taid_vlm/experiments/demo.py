@@ -25,6 +25,7 @@ from typing import Callable, Optional
 from .answers import answer_exact_match, exact_match_rows
 from .report import markdown_table, plot_runs, text_table
 from .runs import Metrics, TrainJob, count_parameters, run_export, run_training
+from .t_plot import plot_taid_t, schedule_floor
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
@@ -205,14 +206,12 @@ def write_report(out: Path, summary: dict, runs: dict[str, Metrics]) -> dict:
     plots = [p for p in (
         plot_runs(runs, "loss", out / "loss.png", title="training loss (teacher & SFT: CE; TAID: KL(p_t ‖ q_S))",
                   ylabel="loss per supervised token", logy=True),
-        plot_runs({"TAID student": runs["TAID student"]}, "t", out / "taid_t.png",
-                  title="TAID interpolation t over steps (adaptive)", ylabel="t"),
+        plot_taid_t(runs["TAID student"], schedule_floor(out / "student_taid"), out / "taid_t.png"),
         plot_runs(runs, "eval_student_acc", out / "heldout_accuracy.png", source="eval",
                   title="held-out answer-token accuracy", ylabel="accuracy (argmax == answer token)",
                   hlines={"teacher (final)": t_acc}),
         plot_runs(students, "eval_kl", out / "heldout_kl.png", source="eval",
-                  title="held-out KL(teacher ‖ student) per answer token",
-                  ylabel="KL"),
+                  title="held-out KL(teacher ‖ student) per answer token", ylabel="KL (log scale)", logy=True),
     ) if p is not None]
     ek, eh = exact_match_rows(summary["exact_match"], ["teacher", "taid", "sft"])
     plan = summary["plan"]

@@ -2,7 +2,9 @@
 
     aggregate({"taid": [final_eval_seed0, ...], "fkl": [...]})  -> {loss: {metric: Stat}}
     markdown_table(header, rows)                               -> str
-    plot_runs({"TAID student": Metrics, ...}, "eval_kl", png)  -> a curve per run
+    plot_runs({"TAID student": Metrics, ...}, "eval_kl", png)  -> a curve per run (draw_runs: the figure)
+    plot_compare(agg, curves, png)                            -> compare.png (draw_compare: the figure)
+Every method is drawn in its colour from colours.py; KL axes are logarithmic.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from .colours import method_colour
 from .runs import Metrics
 
 # (key in the per-run result, column title, lower is better?)
@@ -123,28 +126,33 @@ def _plt():
     return plt
 
 
-def plot_runs(runs: Mapping[str, Metrics], key: str, path: Path, *, source: str = "train", title: str = "",
-              ylabel: str = "", logy: bool = False, hlines: Optional[Mapping[str, float]] = None) -> Optional[Path]:
-    """One curve per run of `key` over steps (`source`: train records or eval records). None if no data."""
+def plot_runs(runs: Mapping[str, Metrics], key: str, path: Path, **style) -> Optional[Path]:
+    """draw_runs, written to `path` as a PNG. None (and no file) if no run has `key`."""
+    fig = draw_runs(runs, key, **style)
+    return None if fig is None else _save(fig, path)
+
+
+def draw_runs(runs: Mapping[str, Metrics], key: str, *, source: str = "train", title: str = "", ylabel: str = "",
+              logy: bool = False, hlines: Optional[Mapping[str, float]] = None):
+    """One curve per run of `key` over steps (`source`: train records or eval records), each in its
+    method's colour (colours.py). Returns the figure, or None if no run has data."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     drawn = 0
     for name, metrics in runs.items():
         steps, values = metrics.series(key, source)
+        if logy:  # a log axis cannot show values <= 0
+            steps, values = [s for s, v in zip(steps, values) if v > 0], [v for v in values if v > 0]
         if not steps:
             continue
-        if logy:
-            steps, values = zip(*[(s, v) for s, v in zip(steps, values) if v > 0]) if any(v > 0 for v in values) else ([], [])
-            if not steps:
-                continue
-        ax.plot(steps, values, label=name, marker="o" if source == "eval" else None, markersize=3,
-                linewidth=1.6 if source == "eval" else 1.0)
+        ax.plot(steps, values, label=name, color=method_colour(name), marker="o" if source == "eval" else None,
+                markersize=3, linewidth=1.6 if source == "eval" else 1.0)
         drawn += 1
     for label, y in (hlines or {}).items():
         if y is not None and math.isfinite(y):
-            ax.axhline(y, linestyle="--", color="gray", linewidth=1.0)
-            ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, color="gray",
-                        va="bottom")
+            ax.axhline(y, linestyle="--", color=method_colour("teacher"), linewidth=1.0)
+            ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8,
+                        color=method_colour("teacher"), va="bottom")
     if not drawn:
         plt.close(fig)
         return None
@@ -153,56 +161,85 @@ def plot_runs(runs: Mapping[str, Metrics], key: str, path: Path, *, source: str 
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel or key)
     ax.set_title(title or key)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both" if logy else "major")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+# (key, panel title) of the final-value panels of compare.png; KL panels use a log axis
+COMPARE_PANELS = (("eval_kl", "held-out KL(T‖S) ↓"), ("eval_top1_agreement", "top-1 agreement ↑"),
+                  ("eval_student_acc", "answer-token accuracy ↑"))
 
 
 def plot_compare(agg: Mapping[str, Mapping[str, Stat]], curves: Mapping[str, Sequence[Metrics]], path: Path,
                  title: str = "") -> Path:
-    """Left: held-out KL over steps, mean over seeds (band: min-max). Right: final value per method with
-    the seed standard deviation as error bar, for each of KL, top-1 agreement and answer accuracy."""
+    return _save(draw_compare(agg, curves, title), path)
+
+
+def draw_compare(agg: Mapping[str, Mapping[str, Stat]], curves: Mapping[str, Sequence[Metrics]], title: str = ""):
+    """Left: held-out KL over steps, mean over seeds (band: min-max), log axis. Right: final value per method
+    with the seed standard deviation as error bar, for each of KL (log axis), top-1 agreement and answer
+    accuracy. Every method in its own colour (colours.py)."""
     plt = _plt()
-    panels = [m for m in (("eval_kl", "held-out KL(T‖S) ↓"), ("eval_top1_agreement", "top-1 agreement ↑"),
-                          ("eval_student_acc", "answer-token accuracy ↑"))
-              if any(m[0] in s and s[m[0]].n for s in agg.values())]
+    panels = [m for m in COMPARE_PANELS if any(m[0] in s and s[m[0]].n for s in agg.values())]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 3.8), dpi=100, squeeze=False)
     axes = axes[0]
-    ax = axes[0]
+    _kl_curves(axes[0], curves)
+    for ax, (key, label) in zip(axes[1:], panels):
+        _final_bars(ax, agg, key, label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _kl_curves(ax, curves: Mapping[str, Sequence[Metrics]]) -> None:
     for method, runs in curves.items():
         by_step: dict[int, list[float]] = {}
         for m in runs:
             for s, v in zip(*m.series("eval_kl", "eval")):
-                by_step.setdefault(s, []).append(v)
+                if v > 0:  # a log axis cannot show 0
+                    by_step.setdefault(s, []).append(v)
         if not by_step:
             continue
         steps = sorted(by_step)
         mean = [statistics.fmean(by_step[s]) for s in steps]
-        line, = ax.plot(steps, mean, label=method, linewidth=1.4)
+        ax.plot(steps, mean, label=method, color=method_colour(method), linewidth=1.4)
         if any(len(by_step[s]) > 1 for s in steps):
             ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                            color=line.get_color(), alpha=0.15)
+                            color=method_colour(method), alpha=0.15)
+    ax.set_yscale("log")  # final KLs of 0.03 vs 0.05 after a start near 6: invisible on a linear axis
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out KL(T‖S) per token")
     ax.set_title("held-out KL over training")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+
+
+def _final_bars(ax, agg: Mapping[str, Mapping[str, Stat]], key: str, label: str) -> None:
+    """Final value per method (error bar: seed std) in the method's colour. KL: a point on a log axis
+    (a bar's height means nothing there) spanning at least a factor 3, so equal values look equal."""
     methods = list(agg)
-    for ax, (key, label) in zip(axes[1:], panels):
-        means = [agg[m][key].mean if key in agg[m] else float("nan") for m in methods]
-        stds = [agg[m][key].std if key in agg[m] else 0.0 for m in methods]
-        ax.bar(range(len(methods)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=8)
-        finite = [v for v in means if math.isfinite(v)]
-        if finite and key != "eval_kl":
+    means = [agg[m][key].mean if key in agg[m] else float("nan") for m in methods]
+    stds = [agg[m][key].std if key in agg[m] else 0.0 for m in methods]
+    colours = [method_colour(m) for m in methods]
+    finite = [v for v in means if math.isfinite(v)]
+    if key == "eval_kl":
+        for i, (mean, std, colour) in enumerate(zip(means, stds, colours)):
+            ax.errorbar(i, mean, yerr=std, fmt="o", markersize=7, capsize=4, color=colour)
+        ax.set_yscale("log")
+        positive = [v for v in finite if v > 0]
+        if positive:
+            ax.set_ylim(min(positive) / 1.7, max(positive) * 1.7)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+    else:
+        ax.bar(range(len(methods)), means, yerr=stds, capsize=3, color=colours, alpha=0.85)
+        if finite:
             lo = min(finite) - 2 * max(stds + [0.0])
             ax.set_ylim(max(0.0, lo - 0.05 * (max(finite) - lo + 1e-9)), min(1.0, max(finite) + 2 * max(stds + [0.0]) + 0.02))
-        ax.set_title(label)
-        ax.grid(alpha=0.3, axis="y")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=8)
+    ax.set_title(label)
+    ax.grid(alpha=0.3, axis="y", which="both")
 
 
 def _save(fig, path) -> Path:
