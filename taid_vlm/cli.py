@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, help="train.save_every")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     t.add_argument("--overwrite", action="store_true",
-                   help="start fresh in a folder of another run: deletes its checkpoints/, metrics.jsonl, config.yaml "
-                        "and tensorboard/ (nothing else)")
+                   help="start fresh in a folder of another run: deletes its checkpoints/, metrics.jsonl, config.yaml, "
+                        "tensorboard/ and trackers.json (nothing else: new tracker runs start)")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     t.set_defaults(func=_train)

@@ -1,5 +1,5 @@
-"""Rank-0 logging: metrics.jsonl (one JSON object per logged step or eval), TensorBoard when installed,
-and a progress bar with step, loss, t, tokens/s and ETA."""
+"""Rank-0 logging: metrics.jsonl (one JSON object per logged step or eval), the experiment trackers of
+`train.report_to` (trackers.py), and a progress bar with step, loss, t, tokens/s and ETA."""
 
 from __future__ import annotations
 
@@ -10,27 +10,22 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .trackers import Trackers
+
 log = logging.getLogger("taid_vlm.train")
 
 
 class MetricsLog:
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 progress_bar: bool = True, tensorboard: bool = True):
+                 progress_bar: bool = True, trackers: Optional[Trackers] = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
+        self.trackers = trackers
         self._bar = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self._tb = None
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -42,10 +37,8 @@ class MetricsLog:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         record.setdefault("time", time.time())
         self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None and "step" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
-                    self._tb.add_scalar(k, v, record["step"])
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def progress(self, step: int, loss: float, t: Optional[float], tokens_per_s: float, dropped: int = 0) -> None:
         if self._bar is None:
@@ -63,6 +56,6 @@ class MetricsLog:
             return
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        self._file.close()
+        self._file.close()  # complete before the trackers take it as an artefact
+        if self.trackers is not None:
+            self.trackers.close()
