@@ -36,7 +36,7 @@ from .tokenizer_loading import image_token_id as lookup_image_token_id
 from .tokenizer_loading import load_tokenizer
 
 KEYS = ("type", "path", "config", "tokenizer", "image_processor", "image_token", "tokens_per_image", "dtype",
-        "attn_implementation", "gradient_checkpointing", "freeze", "processor")
+        "attn_implementation", "gradient_checkpointing", "freeze", "processor", "lora")
 SUPPORTED = ("llava",) + tuple(sorted(FAMILIES))
 
 
