@@ -12,6 +12,7 @@ import torch
 from taid_vlm.models import build_model
 from taid_vlm.models.lora import merge_for_export
 from tests.models_helpers import load_cfg, with_changes
+from tests.test_trainer_recipe import config, one_process_group  # noqa: F401 (a fixture)
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
@@ -99,3 +100,56 @@ def test_a_bad_lora_setting_names_its_key(lora, message):
 def test_a_teacher_cannot_have_adapters():
     with pytest.raises(ValueError, match=r"teacher.model.lora: LoRA adapters are for the student"):
         build_model(with_changes(load_cfg("tiny_text_teacher"), lora=LORA), "teacher", "teacher.model")
+
+
+def plain_state(student) -> dict:
+    """The language model's weights without adapters, named as in the standard model (the PEFT base)."""
+    return {k.replace(".base_layer.", "."): v for k, v in student.llm.state_dict().items() if "lora_" not in k}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_lora_run_resumes_exactly_and_exports_the_merged_model(shapes_text, tmp_path, one_process_group,  # noqa: F811
+                                                               zero_stage):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from taid_vlm.train.export import consolidated_student_state, export_student, load_student
+    from taid_vlm.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = config(shapes_text, out, f"deepspeed.zero_stage={zero_stage}", "train.total_steps=4",
+                 "student.model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj], save_adapter: true}")
+    run = Trainer(cfg).setup().resume()
+    assert run.engine.module.student.llm.model.layers[0].self_attn.q_proj.lora_A is not None
+    numel = lambda p: int(getattr(p, "ds_numel", 0)) or p.numel()  # noqa: E731 (ZeRO-3: the full size)
+    assert sum(map(numel, run.params)) == adapter_count(64, 32, 2, 4)  # the optimizer holds only the adapters
+    run.train_step(), run.train_step()
+    at_2 = run.save()
+    third = run.train_step()
+
+    cfg.train.resume = True
+    again = Trainer(cfg).setup().resume()
+    assert again.step == 2
+    resumed = again.train_step()
+    assert resumed["loss"] == pytest.approx(third["loss"], rel=1e-6)  # the same adapters, optimizer state and data
+    at_3 = again.save()
+    before, after = consolidated_student_state(at_2, zero_stage), consolidated_student_state(at_3, zero_stage)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)  # the base weights never move
+    assert any("lora_B" in k for k in changed) and all(after[k].abs().sum() > 0 for k in after if "lora_B" in k)
+
+    student, _ = load_student(at_3)
+    ids = torch.randint(0, len(student.tokenizer), (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapter_logits = student(ids)
+    export_student(at_3, tmp_path / "export")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter_logits, rtol=0, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+        base.load_state_dict(plain_state(student))  # the student's starting weights: its frozen base
+        with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "export" / "adapter")).eval()
+        torch.testing.assert_close(with_adapter(ids).logits, adapter_logits, rtol=0, atol=1e-5)
