@@ -132,8 +132,7 @@ def _eval(args) -> int:
     from taid_vlm.experiments.harness import run_cli
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_cli(args.export_dir, args.tasks, args.include_path, args.val, args.limit, args.batch_size, args.device,
-                   args.run, args.chat_template)
+    return run_cli(args)
 
 
 def _add_eval_parser(sub) -> None:
@@ -143,9 +142,11 @@ def _add_eval_parser(sub) -> None:
                                    "hf model class; a VLM student (image-text-to-text folder) is scored by greedy-answer "
                                    "exact match on held-out shards. --run appends the scores to a run's metrics.jsonl.")
     v.add_argument("export_dir", help="a folder written by taid-vlm export")
-    v.add_argument("--tasks", help="comma-separated lm-eval task names (text student)")
-    v.add_argument("--include-path", help="a folder of local lm-eval task YAMLs (e.g. tests/data/lm_eval_tasks)")
+    v.add_argument("--tasks", help="comma-separated lm-eval (text) or lmms-eval (--lmms-model) task names")
+    v.add_argument("--include-path", help="a folder of local task YAMLs (e.g. tests/data/lm_eval_tasks)")
     v.add_argument("--val", help="held-out shards: pattern, folder or glob (VLM student)")
+    v.add_argument("--lmms-model", help="VLM student: lmms-eval's model class for its family (qwen2_vl, llava_hf, ...)")
+    v.add_argument("--lmms-model-args", help="more lmms-eval model_args, e.g. max_pixels=3136,min_pixels=784")
     v.add_argument("--limit", type=_positive_int, help="documents per task (text) / batches (VLM); default: all")
     v.add_argument("--batch-size", type=_positive_int, default=8)
     v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

@@ -104,3 +104,50 @@ def test_vlm_export_scores_greedy_answer_exact_match_on_held_out_shards(tmp_path
     ours = answer_exact_match(student, str(tmp_path / "data" / "train"), batch_size=4)
     assert scores["eval_answers"] == ours["answers"] > 12
     assert scores["eval_answer_exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
+
+
+def write_lmms_task(folder: Path, n: int = 6) -> None:
+    """A local lmms-eval task (no download): synthetic-shapes images and questions, exact-match scoring."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from taid_vlm.data.synthetic import draw, qa_turns, random_scene
+
+    rng, docs = random.Random(7), []
+    for i in range(n):
+        scene = random_scene(rng)
+        Image.open(io.BytesIO(draw(scene, 56, rng))).save(folder / f"img{i}.png")
+        question, answer = qa_turns(scene, rng)[0]
+        docs.append({"image": str(folder / f"img{i}.png"), "question": question, "answer": answer})
+    (folder / "shapes_vqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "shapes_vqa.yaml").write_text(
+        f"task: shapes_vqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'shapes_vqa.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_visual: !function shapes_vqa_utils.doc_to_visual\n"
+        "doc_to_text: !function shapes_vqa_utils.doc_to_text\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  max_new_tokens: 8\n  do_sample: false\n"
+        "process_results: !function shapes_vqa_utils.process_results\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "shapes_vqa_utils.py").write_text(
+        "from PIL import Image\n\n\ndef doc_to_visual(doc):\n    return [Image.open(doc['image']).convert('RGB')]\n\n\n"
+        "def doc_to_text(doc):\n    return doc['question']\n\n\ndef process_results(doc, results):\n"
+        "    return {'exact_match': float(results[0].strip().lower() == doc['answer'].strip().lower())}\n")
+
+
+def test_vlm_export_runs_in_lmms_evals_model_class_for_its_family(tmp_path):
+    """Runs where lmms-eval is importable (not from the lock: docs/evaluation.md); skipped elsewhere."""
+    pytest.importorskip("lmms_eval.models.simple.qwen2_vl")
+    from taid_vlm.experiments.harness import lmms_eval_scores
+    from taid_vlm.models.tiny_family_tokenizers import build_family_tokenizer
+    from tests.hf_family_helpers import model_cfg
+
+    build_family_tokenizer("qwen2_vl", save_dir=tmp_path / "tok")
+    torch.manual_seed(0)
+    write_student(build_model(model_cfg("qwen2_vl", tmp_path / "tok"), "student", "student.model"), tmp_path / "export")
+    (tmp_path / "tasks").mkdir()
+    write_lmms_task(tmp_path / "tasks")
+    scores = lmms_eval_scores(tmp_path / "export", "qwen2_vl", ["shapes_vqa"], tmp_path / "tasks",
+                              model_args="max_pixels=3136,min_pixels=784")
+    assert 0.0 <= scores["eval_lmms/shapes_vqa/exact_match"] <= 1.0
+    assert set(scores) >= {"eval_lmms/shapes_vqa/exact_match", "eval_lmms/shapes_vqa/exact_match_stderr"}
