@@ -119,3 +119,13 @@ def test_a_run_and_its_resumption_log_to_one_run_of_each_tracker(shapes_text, tm
     # TensorBoard: the resumed run appends to the same folder.
     assert tensorboard_scalars(out / "tensorboard", "loss") == pytest.approx(losses, rel=1e-6)
     assert len(records(out)) > 0
+
+
+def test_overwrite_forgets_the_tracker_runs_but_keeps_the_trackers_own_stores(tmp_path):
+    from taid_vlm.train.run_folder import clear_run_folder
+
+    for name in ("trackers.json", "mlflow.db", "metrics.jsonl"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "wandb").mkdir()
+    clear_run_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "wandb"]
