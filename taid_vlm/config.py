@@ -124,7 +124,12 @@ class TrainConfig:
     param_growth_factor: float = 100.0    # never checkpoint parameters whose norm grew this much since the last
                                           # checkpoint / the start (0: off); non-finite parameters are never saved
     progress_bar: bool = True             # a bar on a terminal, else one line per logged step (false: lines always)
-    tensorboard: bool = True
+    report_to: Union[list, str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow: a
+                                          # list or a comma-separated string; [] or none: no tracker (rank 0 logs)
+    tensorboard: bool = True              # false leaves tensorboard out of report_to (the older switch)
+    tracker_project: str = "taid-vlm"     # the W&B project / MLflow experiment (WANDB_PROJECT wins for W&B)
+    run_name: Optional[str] = None        # the tracker run's name (default: the output folder's name)
+    mlflow_tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db
 
 
 @dataclass
@@ -444,6 +449,21 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.loss_jump_factor", t.loss_jump_factor, allow_zero=True)
     _positive("train.max_zero_grad_steps", t.max_zero_grad_steps, allow_zero=True)
     _positive("train.param_growth_factor", t.param_growth_factor, allow_zero=True)
+    t.report_to = _validate_report_to(t.report_to)
+
+
+def _validate_report_to(report_to: Union[list, str]) -> list:
+    """Known tracker names, and the package of each named one installed (tensorboard: said at start).
+    Returns them as a list (`wandb,mlflow` -> [wandb, mlflow]; `none` -> [])."""
+    import importlib.util
+
+    if isinstance(report_to, str):
+        report_to = [] if report_to.strip() in ("", "none") else [n.strip() for n in report_to.split(",")]
+    for name in report_to:
+        _choice("train.report_to", name, ("tensorboard", "wandb", "mlflow"))
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed (pip install {name}, or leave it out)")
+    return report_to
 
 
 def _validate_data_and_deepspeed(cfg: RunConfig) -> None:

@@ -28,8 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
-from .report import (COMPARE_METRICS, Stat, aggregate, compare_rows, markdown_table, plot_compare, text_table,
-                     with_derived)
+from .report import (COMPARE_METRICS, Stat, aggregate, compare_rows, harness_metrics, markdown_table, plot_compare,
+                     text_table, with_derived)
 from .runs import Metrics, TrainJob, overrides_text, run_export, run_training
 
 DEFAULT_LOSSES = ("taid", "fkl", "rkl", "sfkl")
@@ -173,6 +173,7 @@ def run_compare(config: Path, losses: Sequence[str], seeds: Sequence[int], steps
             if "eval_teacher_ce" in final and not teacher:
                 teacher = {k: final[k] for k in ("eval_teacher_ce", "eval_teacher_acc") if k in final}
     keys = [k for k, _, _ in COMPARE_METRICS] + ["eval_teacher_ce", "eval_teacher_acc", "eval_tokens"]
+    keys += [k for k, _, _ in harness_metrics(k for runs in per_run.values() for r in runs for k in r)]
     agg = aggregate(per_run, keys)
     command = ("taid-vlm compare " + _rel(config) + f" --losses {','.join(losses)} --seeds {seeds_text(seeds)}"
                f" --steps {steps}" + (f" --out {_rel(out)}" if out else "")
@@ -221,7 +222,7 @@ def verdict(agg: dict[str, dict[str, Stat]], key: str = "eval_kl") -> list[str]:
 
 def write_compare(result: CompareResult, out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = compare_rows(result.agg)
+    header, rows = compare_rows(result.agg, COMPARE_METRICS + harness_metrics(k for s in result.agg.values() for k in s))
     png = plot_compare(result.agg, result.curves, out / "compare.png", title=title)
     md = [f"# {title}", "", "```bash", result.command, "```", "",
           f"Final held-out metrics after {result.steps} optimizer steps; mean ± sample std over seeds "

@@ -37,7 +37,7 @@ from .folder_checks import (ModelFolderError, check_model_folder, check_processo
 from .tokenizer_loading import image_token_id as lookup_image_token_id
 
 KEYS = ("type", "path", "config", "tokenizer", "image_processor", "image_token", "tokens_per_image", "dtype",
-        "attn_implementation", "gradient_checkpointing", "freeze", "processor")
+        "attn_implementation", "gradient_checkpointing", "freeze", "processor", "lora")
 SUPPORTED = ("llava",) + tuple(sorted(FAMILIES))
 
 

@@ -46,6 +46,7 @@ from .signals import GracefulStop, TrainingStopped
 from .single_rank import backward_reduction
 from .synthetic import ensure_synthetic_data
 from .teacher import teacher_for_batch
+from .trackers import open_trackers
 
 log = logging.getLogger("taid_vlm.train")
 
@@ -151,8 +152,9 @@ class Trainer:
             changed = apply_optim_config(self.scheduler, cfg.optim)
             log.info("resumed from %s at step %d%s", found, self.step,
                      f"; applied the config's {', '.join(changed)}" if changed else "")
+        trackers = open_trackers(cfg, self.out_dir, resumed=found is not None) if self.rank == 0 else None
         self.metrics = MetricsLog(self.out_dir, self.rank == 0, cfg.train.total_steps, self.step,
-                                  cfg.train.progress_bar, cfg.train.tensorboard)
+                                  cfg.train.progress_bar, trackers)
         if found is not None:
             self.metrics.write({"event": "resume", "step": self.step, "checkpoint": str(found)})
         t = cfg.train
