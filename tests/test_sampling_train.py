@@ -63,3 +63,42 @@ def test_each_mode_trains_and_a_resumed_run_continues_the_same(small_text, tmp_p
     assert [r["loss"] for r in resumed] == pytest.approx([third["loss"], fourth["loss"]], rel=1e-6)
     assert [r["supervised_tokens"] for r in resumed] == [third["supervised_tokens"], fourth["supervised_tokens"]]
     assert again.sampler.state_dict() == run.sampler.state_dict()
+
+
+@pytest.fixture(scope="module")
+def small_shapes(tmp_path_factory):
+    from taid_vlm.data.synthetic import synth
+
+    out = tmp_path_factory.mktemp("shapes")
+    synth(out, 24, seed=0, val_fraction=0.25)
+    return out
+
+
+@pytest.mark.slow
+def test_vlm_pair_generates_from_the_prompt_with_its_images(small_shapes, tmp_path, one_process_group):
+    """Composed VLMs (other image sizes and token counts on each side): the student generates from its
+    prompt with the sample's images; the teacher scores the same completion after its own prompt."""
+    from taid_vlm.config import load_config
+    from tests.train_helpers import CONFIGS
+
+    cfg = load_config(CONFIGS / "tiny_vlm.yaml", [
+        f"data.train={small_shapes}/train", f"data.val={small_shapes}/val", "data.synthetic=null",
+        f"output_dir={tmp_path / 'run'}", "train.total_steps=2", "train.eval_batches=1", "train.progress_bar=false",
+        "train.tensorboard=false", "sampling.mode=on_policy", "sampling.lmbda=1.0", *GENERATION])
+    run = Trainer(cfg).setup().resume()
+    batch = next(iter(run.train_loader))
+    (rebuilt,) = run.sampler.prepare_step([batch], step=0)
+    s, model = batch["student"], run.student_model
+    per_row = [int((r == model.image_token_id).sum()) // model.tokens_per_image for r in s["input_ids"]]
+    assert s["pixel_values"].shape[0] == sum(per_row) > len(per_row)  # some rows hold two images
+    first = [sum(per_row[:b]) for b in range(len(per_row))]
+    for b, (n, at) in enumerate(zip(per_row, first)):  # each row alone, with its own images: the same completion
+        prompt = s["input_ids"][b, : s["prompt_lengths"][b]].tolist()
+        (alone,) = generate_completions(model, [prompt], batch["indices"][b:b + 1], [8], run.cfg.sampling,
+                                        run.cfg.seed, run.sampler.pad["student"], run.device,
+                                        s["pixel_values"][at:at + n])
+        labels = rebuilt["student"]["labels"][b]
+        assert labels[labels != -100].tolist() == alone
+    assert torch.equal(rebuilt["teacher"]["loss_targets"], rebuilt["student"]["loss_targets"])
+    assert rebuilt["teacher"]["pixel_values"] is batch["teacher"]["pixel_values"]
+    assert math.isfinite(run.train_step()["loss"])

@@ -50,3 +50,14 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
             ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[b, width - len(p):] = 1
     return ids, mask
+
+
+def check_images_in_prompts(part: dict, image_token_id, keys: Sequence[str], role: str) -> None:
+    """The rebuilt rows keep only the prompts, and the batch's images go with them: an image token after
+    a row's prompt (an image inside or after the last assistant turn) would lose its place."""
+    if image_token_id is None:
+        return
+    for row, n, key in zip(part["input_ids"], part["prompt_lengths"].tolist(), keys):
+        if bool((row[n:] == image_token_id).any()):
+            raise ValueError(f"sample {key!r} ({role}): an image comes after the start of the last assistant "
+                             "turn; sampling generates from the conversation before it, images included")
