@@ -125,7 +125,7 @@ class Trainer:
         self.train_iter = None
         # sampling.mode: micro-batches replaced by generated completions (train/sampling/); None when off
         self.sampler = build_step_sampler(cfg, self.student_model, self.train_teacher, self.rank, self.world,
-                                          self.device)
+                                          self.device, self.engine)
 
     def _check_data_and_log_summary(self) -> None:
         """An all-bad train or val set fails now (skip reasons listed), not as a hang or a 0.0 metric."""

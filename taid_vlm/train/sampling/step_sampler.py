@@ -11,6 +11,7 @@ state (checkpointed) make a resumed run continue as the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Optional
 
@@ -19,16 +20,18 @@ import torch
 from taid_vlm.config import RunConfig
 from taid_vlm.data.render import pad_token_id
 
-from ..zero3 import gathered
+from ..zero3 import generation_ready
 from .completions import check_images_in_prompts, completion_part, prompts_of
 from .generation import generate_completions
-from .policy import STUDENT, Decision, SamplingPolicy
+from .policy import STUDENT, TEACHER, Decision, SamplingPolicy
 from .replay_buffer import ReplayBuffer
 
 
 class StepSampler:
-    def __init__(self, cfg: RunConfig, student, teacher, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: RunConfig, student, teacher, rank: int, world: int, device: torch.device,
+                 student_engine=None):
         self.cfg, self.student, self.teacher = cfg, student, teacher  # teacher: train.teacher.Teacher
+        self.engines = {STUDENT: student_engine, TEACHER: teacher.engine if teacher is not None else None}
         self.rank, self.world, self.device = rank, world, device
         self.policy = SamplingPolicy(cfg.sampling, cfg.seed)
         self.buffer = ReplayBuffer(cfg.sampling.capacity)
@@ -45,8 +48,11 @@ class StepSampler:
         full = self.buffer.full  # as the step starts, for every micro-batch alike
         decisions = [self.policy.decide(step, total, g, full) for g in range(self.world * accum)]
         mine = decisions[self.rank * accum:(self.rank + 1) * accum]
-        fresh = {m: self._generate(b, d.generate) for m, (b, d) in enumerate(zip(batches, mine))
-                 if d.generate and _real(b)}
+        with contextlib.ExitStack() as stack:  # ZeRO-3: every rank gathers each model that generates this step
+            for who in sorted({d.generate for d in decisions if d.generate}):
+                stack.enter_context(generation_ready(self.engines[who]))
+            fresh = {m: self._generate(b, d.generate) for m, (b, d) in enumerate(zip(batches, mine))
+                     if d.generate and _real(b)}
         if any(d.push for d in decisions):
             local = [e for m in sorted(fresh) if mine[m].push for e in fresh[m]]
             self.buffer.push(self._in_global_order(local))
@@ -72,10 +78,8 @@ class StepSampler:
         part = batch["student" if who == STUDENT else "teacher"]
         model = self.student if who == STUDENT else self.teacher.model
         pixels = part.get("pixel_values")
-        with gathered(*model.parameters()):  # ZeRO-3: the whole model, as TRL's unwrap_model_for_generation
-            completions = generate_completions(model, prompts, batch["indices"], limits, self.cfg.sampling,
-                                               self.cfg.seed, self.pad[who], self.device,
-                                               _to(pixels, self.device))
+        completions = generate_completions(model, prompts, batch["indices"], limits, self.cfg.sampling,
+                                           self.cfg.seed, self.pad[who], self.device, _to(pixels, self.device))
         self.generated += len(completions)
         return [{"key": k, "index": i, "student": s, "teacher": t, "completion": c}
                 for k, i, s, t, c in zip(batch["keys"], batch["indices"], s_prompts, t_prompts, completions)]
@@ -126,12 +130,12 @@ def _to(pixels, device):
     return pixels.to(device)
 
 
-def build_step_sampler(cfg: RunConfig, student, teacher, rank: int, world: int,
-                       device: torch.device) -> Optional[StepSampler]:
+def build_step_sampler(cfg: RunConfig, student, teacher, rank: int, world: int, device: torch.device,
+                       student_engine=None) -> Optional[StepSampler]:
     """None with sampling.mode off (the batches stay as the data made them)."""
     if cfg.sampling.mode == "off":
         return None
-    return StepSampler(cfg, student, teacher, rank, world, device)
+    return StepSampler(cfg, student, teacher, rank, world, device, student_engine)
 
 
 __all__ = ["Decision", "StepSampler", "build_step_sampler"]
