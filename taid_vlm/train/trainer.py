@@ -150,7 +150,7 @@ class Trainer:
             self.loss_fn.load_schedule_state(client["schedule"])
             self.train_loader.load_state_dict(client["data"])
             if self.sampler is not None:
-                self.sampler.load_state_dict(client["sampling"])
+                self.sampler.load_state_dict(client.get("sampling"))
             ckpt.set_rng_state(ckpt.load_rank_state(found, self.rank)["rng"])
             changed = apply_optim_config(self.scheduler, cfg.optim)
             log.info("resumed from %s at step %d%s", found, self.step,

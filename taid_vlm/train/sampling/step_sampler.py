@@ -112,7 +112,10 @@ class StepSampler:
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "buffer": self.buffer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """None: the checkpoint was written with sampling off; the buffer and threshold start empty."""
+        if state is None:
+            return
         self.policy.load_state_dict(state["policy"])
         self.buffer.load_state_dict(state["buffer"])
 
