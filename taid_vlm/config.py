@@ -128,7 +128,7 @@ class SamplingConfig:
     """Student-generated sequences (taid_vlm/train/sampling/). Defaults: the official TAID code's
     sampler (replay buffer 1,000, mixed probability 0.5, adaptive threshold step 0.1, greedy, 512 new
     tokens) and TRL GKD's lmbda 0.5."""
-    mode: str = "off"                     # off | mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
+    mode: Union[str, bool] = "off"        # off | mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
     lmbda: float = 0.5                    # on_policy: share of micro-batches the student generates
     seq_kd: bool = False                  # on_policy: the other micro-batches are teacher-generated
     mixed_alpha: float = 0.5              # mixed: share of micro-batches replaced from the replay buffer
@@ -487,6 +487,8 @@ def _validate_sampling(cfg: RunConfig) -> None:
     from taid_vlm.losses import loss_needs_teacher
 
     s = cfg.sampling
+    if s.mode is False:  # YAML 1.1 reads an unquoted `off` as false
+        s.mode = "off"
     _choice("sampling.mode", s.mode, SAMPLING_MODES)
     _choice("sampling.replay_ratio", s.replay_ratio, ("decreasing", "constant", "increasing"))
     for key in ("lmbda", "mixed_alpha", "threshold_step"):

@@ -173,6 +173,12 @@ def test_a_teacher_cache_is_refused_with_sampling(tmp_path):
     assert _cfg().sampling.mode == "off"
 
 
+def test_sampling_off_written_unquoted_in_yaml_is_off():
+    assert _cfg("sampling.mode=off").sampling.mode == "off"  # YAML reads it as false
+    with pytest.raises(ConfigError, match="sampling.mode: must be one of"):
+        _cfg("sampling.mode=on")
+
+
 @pytest.fixture(scope="module")
 def tiny_student():
     from taid_vlm.train.components import build_role_model
