@@ -513,5 +513,6 @@ def _validate_sampling(cfg: RunConfig) -> None:
     if s.mode in ("mixed", "adaptive") and not cfg.data.text_only:
         raise ConfigError(f"sampling.mode: {s.mode}'s replay buffer holds text only so far; with images use "
                           "on_policy, or data.text_only: true")
-    if s.mode == "adaptive" and cfg.data.val is None:
-        raise ConfigError("sampling.mode: adaptive raises its threshold from the validation loss; set data.val")
+    if s.mode == "adaptive" and (cfg.data.val is None or not cfg.train.eval_every):
+        raise ConfigError("sampling.mode: adaptive raises its threshold from validation losses during the run; "
+                          "set data.val and train.eval_every")

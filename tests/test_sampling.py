@@ -156,7 +156,8 @@ def _cfg(*overrides):
     (["sampling.mode=mixed", "sampling.seq_kd=true"], "sampling.seq_kd"),
     (["sampling.mode=on_policy", "sampling.top_p=0"], "sampling.top_p"),
     (["sampling.mode=on_policy", "loss.name=ce"], "sampling.mode"),
-    (["sampling.mode=adaptive", "data.val=null"], "sampling.mode"),
+    (["sampling.mode=adaptive", "data.val=null", "train.eval_every=5"], "sampling.mode"),
+    (["sampling.mode=adaptive", "train.eval_every=0"], "sampling.mode"),
     (["sampling.mode=mixed", "data.pack=true"], "sampling.mode"),
 ])
 def test_bad_sampling_settings_name_the_key(overrides, key):

@@ -43,7 +43,7 @@ def test_on_policy_labels_are_exactly_the_students_completions(small_text, tmp_p
 @pytest.mark.parametrize("mode,extra", [("mixed", []), ("adaptive", []), ("on_policy", ["sampling.seq_kd=true",
                                                                                          "sampling.lmbda=0.5"])])
 def test_each_mode_trains_and_a_resumed_run_continues_the_same(small_text, tmp_path, one_process_group, mode, extra):
-    overrides = ["train.grad_accum=2", "sampling.capacity=12", *extra]
+    overrides = ["train.grad_accum=2", "sampling.capacity=12", "train.eval_every=100", *extra]
     run = _run(small_text, tmp_path / "run", mode, *overrides)
     if mode == "adaptive":  # as if validation losses had risen 5 times: generate while the buffer fills, then replay
         run.sampler.policy.threshold, run.sampler.policy.prev_loss = 0.5, 1.0
