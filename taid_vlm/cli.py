@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(configs/demo/capacity_gap.yaml: one student, teachers of growing size).")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
-    c.add_argument("--losses", help="comma-separated loss names (default: taid,fkl,rkl,sfkl, or the study's list)")
+    c.add_argument("--losses", help="comma-separated loss names or methods: LOSS+MODE (e.g. taid+on_policy), gkd, "
+                                    "distillm (default: taid,fkl,rkl,sfkl, or the study's list)")
     c.add_argument("--seeds", type=_seeds, help="a count N: seeds 0..N-1 (default: 1, or the study's); or the seeds themselves, "
                                    "comma-separated: 7,8 (one seed: 7,). Finished runs in --out are reused")
     c.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default: the config's)")
