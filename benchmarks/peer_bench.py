@@ -22,6 +22,13 @@ Reported: tokens/s over the steps after --warmup (non-padding tokens / wall time
 loading included), peak RSS of the trainer's process tree (sampled every 0.1 s by this process; also the
 child's own ru_maxrss), on a GPU torch.cuda.max_memory_allocated, and the per-step losses.
 
+On-policy (--on-policy N): every step generates N new tokens per row from the batch's prompts (the
+sample up to its last assistant turn) with the student and distils on prompt + completion: ours with
+`sampling.mode: on_policy`, lmbda 1; TRL's GKDTrainer with lmbda 1 (its generation: do_sample, top_k 0,
+temperature 0.9, KV cache); both sample at temperature 0.9. hf_kd has no generation and is left out. The
+tokens of a step are then those of the generated rows (prompt + completion), as each trainer saw them;
+the losses differ after step 1's sampling (other RNGs), the work per step is the same up to early stops.
+
 Peers live in a throwaway virtual environment (--peers-venv, default /tmp/taid-peers-venv), never in the
 project's: created when missing with `python -m venv --system-site-packages`, plus a .pth file that puts
 this interpreter's site-packages (torch, transformers, accelerate) behind its own, so pip adds only trl, its
@@ -130,6 +137,8 @@ def ours_config(work: Path, s: dict) -> dict:
         "deepspeed": {"zero_stage": 0},
         "train": {"total_steps": s["steps"], "micro_batch_size": s["micro_batch"], "precision": s["precision"],
                   "log_every": 1, "save_every": 0, "progress_bar": False, "tensorboard": False},
+        "sampling": ({"mode": "on_policy", "lmbda": 1.0, "max_new_tokens": s["on_policy"], "do_sample": True,
+                      "temperature": 0.9} if s["on_policy"] else {"mode": "off"}),
     }
 
 
@@ -164,6 +173,11 @@ def stage_prepare(work: Path, s: dict) -> dict:
             raise RuntimeError("teacher and student inputs differ; the peers feed one input to both")
         keep = ("input_ids", "attention_mask", "labels", "position_ids")
         batches.append({k: v for k, v in b["student"].items() if k in keep and v is not None})
+        if s["on_policy"]:  # TRL's GKD generates from left-padded `prompts` (its collator's fields)
+            from taid_vlm.train.sampling.completions import left_padded, prompts_of
+
+            ids, mask = left_padded(prompts_of(b["student"]), student.tokenizer.pad_token_id)
+            batches[-1].update(prompts=ids, prompt_attention_mask=mask)
     torch.save(batches, work / "batches.pt")
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
@@ -205,12 +219,17 @@ def stage_ours(work: Path, s: dict) -> dict:
     if rc:
         raise RuntimeError(f"taid-vlm train exited with {rc}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    tokens = [float(b["attention_mask"].sum()) for b in batches]
-    supervised = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
-    if [r["supervised_tokens"] for r in recs] != supervised:
-        raise RuntimeError(f"our trainer saw other batches than the dump: supervised tokens "
-                           f"{[r['supervised_tokens'] for r in recs]} vs {supervised}")
-    step_s = [tok / r["tokens_per_s"] for tok, r in zip(tokens, recs)]
+    if s["on_policy"]:  # generated rows: step time between records (log_every 1), tokens = rate x time
+        step_s = [b["time"] - a["time"] for a, b in zip(recs, recs[1:])]
+        step_s = [step_s[0]] + step_s  # step 1 (startup around it) is inside the warmup anyway
+        tokens = [r["tokens_per_s"] * dt for r, dt in zip(recs, step_s)]
+    else:
+        tokens = [float(b["attention_mask"].sum()) for b in batches]
+        supervised = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        if [r["supervised_tokens"] for r in recs] != supervised:
+            raise RuntimeError(f"our trainer saw other batches than the dump: supervised tokens "
+                               f"{[r['supervised_tokens'] for r in recs]} vs {supervised}")
+        step_s = [tok / r["tokens_per_s"] for tok, r in zip(tokens, recs)]
     after_save = _memory({})
     return {"losses": [r["loss"] for r in recs], "step_s": step_s, "tokens": tokens, **at_end,
             "ru_maxrss_with_save_mib": after_save["ru_maxrss_mib"]}
@@ -236,7 +255,7 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
     # Trainer's batch size is 1 and the collator unwraps the row, so every trainer sees exactly our batches.
     # (TRL requires a datasets.Dataset.)
     rows = Dataset.from_list([{k: v.tolist() for k, v in b.items()} for b in batches]).with_format("torch")
-    losses, step_end = [], []
+    losses, step_end, seen_tokens = [], [], []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -262,6 +281,7 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                            num_items_in_batch=num_items_in_batch)
                 losses.append(float((out[0] if return_outputs else out).detach()))
+                seen_tokens.append(float(inputs["attention_mask"].sum()))  # after GKD's generation
                 return out
         return Recorded
 
@@ -269,8 +289,9 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
         import trl
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        args = GKDConfig(**common, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0, max_length=s["seq"],
-                         disable_dropout=True)
+        on_policy = {"lmbda": 1.0, "temperature": 0.9, "max_new_tokens": s["on_policy"]} if s["on_policy"] else \
+            {"lmbda": 0.0, "temperature": 1.0}
+        args = GKDConfig(**common, beta=0.0, seq_kd=False, max_length=s["seq"], disable_dropout=True, **on_policy)
         trainer = recorded(GKDTrainer)(model=student, teacher_model=teacher, args=args, data_collator=unwrap,
                                        train_dataset=rows, processing_class=tok, callbacks=[StepClock()])
         version = f"trl {trl.__version__}"
@@ -286,7 +307,7 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
     import transformers
 
     step_s = [b - a for a, b in zip([start] + step_end[:-1], step_end)]
-    tokens = [float(b["attention_mask"].sum()) for b in batches]
+    tokens = seen_tokens
     return _memory({"losses": losses, "step_s": step_s, "tokens": tokens,
                     "versions": ", ".join(x for x in (version, f"transformers {transformers.__version__}") if x)})
 
@@ -435,6 +456,8 @@ def main():
                          "qa: the shapes_text Q/A recipe data (short answers, ~10 %% supervised)")
     ap.add_argument("--loss", default="fkl", help="our loss (fkl matches the peers' objective; taid also works)")
     ap.add_argument("--only", nargs="*", choices=["ours", *PEERS], help="run only these trainers")
+    ap.add_argument("--on-policy", type=int, default=0, metavar="N",
+                    help="generate N new tokens per row every step (ours: sampling on_policy, TRL: GKD lmbda 1)")
     args = ap.parse_args()
 
     if args.stage:
@@ -454,6 +477,7 @@ def main():
         "pack": gpu or args.pack, "data": args.data, "samples": max(2_000, args.steps * (args.micro_batch or 4) * 40),
         "loss": args.loss, "lr": 1e-5 if gpu else 1e-4,
         "precision": "bf16" if gpu else "fp32", "model_dtype": "bfloat16" if gpu else "float32", "grad_ckpt": False,
+        "on_policy": args.on_policy,
     }
     (work / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"work folder {work}; load average {os.getloadavg()}", flush=True)
@@ -472,7 +496,8 @@ def main():
           f"({100 * res['supervised'] / res['tokens']:.0f} %)", flush=True)
 
     rows = {}
-    for name in args.only or ["ours", *PEERS]:
+    default = ["ours", "trl_gkd"] if args.on_policy else ["ours", *PEERS]  # hf_kd does not generate
+    for name in args.only or default:
         python = Path(sys.executable) if name == "ours" else peers_python
         t0 = time.time()
         res, why, peak = run_stage(python, name, work)

@@ -1,4 +1,5 @@
-"""`taid-vlm` command line: train, export, demo (the end-to-end CPU demo), compare (losses side by side)."""
+"""`taid-vlm` command line: train, export, demo (the end-to-end CPU demo), compare (losses side by side),
+eval (harnesses on an exported student)."""
 
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, help="train.save_every")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     t.add_argument("--overwrite", action="store_true",
-                   help="start fresh in a folder of another run: deletes its checkpoints/, metrics.jsonl, config.yaml "
-                        "and tensorboard/ (nothing else)")
+                   help="start fresh in a folder of another run: deletes its checkpoints/, metrics.jsonl, config.yaml, "
+                        "tensorboard/ and trackers.json (nothing else: new tracker runs start)")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     t.set_defaults(func=_train)
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(configs/demo/capacity_gap.yaml: one student, teachers of growing size).")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
-    c.add_argument("--losses", help="comma-separated loss names (default: taid,fkl,rkl,sfkl, or the study's list)")
+    c.add_argument("--losses", help="comma-separated loss names or methods: LOSS+MODE (e.g. taid+on_policy), gkd, "
+                                    "distillm (default: taid,fkl,rkl,sfkl, or the study's list)")
     c.add_argument("--seeds", type=_seeds, help="a count N: seeds 0..N-1 (default: 1, or the study's); or the seeds themselves, "
                                    "comma-separated: 7,8 (one seed: 7,). Finished runs in --out are reused")
     c.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default: the config's)")
@@ -134,7 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fresh", action="store_true", help="retrain every run (default: reuse finished identical runs)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
     c.set_defaults(func=_compare)
+    _add_eval_parser(sub)
     return ap
+
+
+def _eval(args) -> int:
+    from taid_vlm.experiments.harness import run_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(args)
+
+
+def _add_eval_parser(sub) -> None:
+    v = sub.add_parser("eval", help="evaluate an exported student: lm-evaluation-harness (text) or held-out "
+                                    "answer exact match (VLM)",
+                       description="A text student (causal LM folder) runs lm-evaluation-harness tasks through its "
+                                   "hf model class; a VLM student (image-text-to-text folder) is scored by greedy-answer "
+                                   "exact match on held-out shards. --run appends the scores to a run's metrics.jsonl.")
+    v.add_argument("export_dir", help="a folder written by taid-vlm export")
+    v.add_argument("--tasks", help="comma-separated lm-eval (text) or lmms-eval (--lmms-model) task names")
+    v.add_argument("--include-path", help="a folder of local task YAMLs (e.g. tests/data/lm_eval_tasks)")
+    v.add_argument("--val", help="held-out shards: pattern, folder or glob (VLM student)")
+    v.add_argument("--lmms-model", help="VLM student: lmms-eval's model class for its family (qwen2_vl, llava_hf, ...)")
+    v.add_argument("--lmms-model-args", help="more lmms-eval model_args, e.g. max_pixels=3136,min_pixels=784")
+    v.add_argument("--limit", type=_positive_int, help="documents per task (text) / batches (VLM); default: all")
+    v.add_argument("--batch-size", type=_positive_int, default=8)
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    v.add_argument("--chat-template", action="store_true", help="lm-eval: render prompts with the model's chat template")
+    v.add_argument("--run", help="a run folder: append the scores to its metrics.jsonl at its last step")
+    v.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
+    v.set_defaults(func=_eval)
 
 
 def main(argv: Optional[list] = None) -> int:

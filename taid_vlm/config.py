@@ -124,7 +124,30 @@ class TrainConfig:
     param_growth_factor: float = 100.0    # never checkpoint parameters whose norm grew this much since the last
                                           # checkpoint / the start (0: off); non-finite parameters are never saved
     progress_bar: bool = True             # a bar on a terminal, else one line per logged step (false: lines always)
-    tensorboard: bool = True
+    report_to: Union[list, str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow: a
+                                          # list or a comma-separated string; [] or none: no tracker (rank 0 logs)
+    tensorboard: bool = True              # false leaves tensorboard out of report_to (the older switch)
+    tracker_project: str = "taid-vlm"     # the W&B project / MLflow experiment (WANDB_PROJECT wins for W&B)
+    run_name: Optional[str] = None        # the tracker run's name (default: the output folder's name)
+    mlflow_tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db
+
+
+@dataclass
+class SamplingConfig:
+    """Student-generated sequences (taid_vlm/train/sampling/). Defaults: the official TAID code's
+    sampler (replay buffer 1,000, mixed probability 0.5, adaptive threshold step 0.1, greedy, 512 new
+    tokens) and TRL GKD's lmbda 0.5."""
+    mode: Union[str, bool] = "off"        # off | mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
+    lmbda: float = 0.5                    # on_policy: share of micro-batches the student generates
+    seq_kd: bool = False                  # on_policy: the other micro-batches are teacher-generated
+    mixed_alpha: float = 0.5              # mixed: share of micro-batches replaced from the replay buffer
+    capacity: int = 1000                  # mixed, adaptive: replay buffer size (completions)
+    threshold_step: float = 0.1           # adaptive: the threshold rises by this when the val loss rises
+    replay_ratio: str = "decreasing"      # adaptive: how the fresh-generation share moves: decreasing | constant | increasing
+    max_new_tokens: int = 512
+    do_sample: bool = False               # false: greedy (the official code); true: temperature / top_p sampling
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -136,6 +159,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output_dir: str = "runs/default"
     seed: int = 0
     config_dir: str = "."                 # set by load_config: where relative paths resolve
@@ -413,6 +437,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_optim(cfg.optim)
     _validate_train(cfg.train)
     _validate_data_and_deepspeed(cfg)
+    _validate_sampling(cfg)
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -444,6 +469,21 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.loss_jump_factor", t.loss_jump_factor, allow_zero=True)
     _positive("train.max_zero_grad_steps", t.max_zero_grad_steps, allow_zero=True)
     _positive("train.param_growth_factor", t.param_growth_factor, allow_zero=True)
+    t.report_to = _validate_report_to(t.report_to)
+
+
+def _validate_report_to(report_to: Union[list, str]) -> list:
+    """Known tracker names, and the package of each named one installed (tensorboard: said at start).
+    Returns them as a list (`wandb,mlflow` -> [wandb, mlflow]; `none` -> [])."""
+    import importlib.util
+
+    if isinstance(report_to, str):
+        report_to = [] if report_to.strip() in ("", "none") else [n.strip() for n in report_to.split(",")]
+    for name in report_to:
+        _choice("train.report_to", name, ("tensorboard", "wandb", "mlflow"))
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed (pip install {name}, or leave it out)")
+    return report_to
 
 
 def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
@@ -465,3 +505,41 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{key}: must be in [0, 1], got {getattr(d, key)}")
     if d.pack and not d.text_only:
         raise ConfigError("data.pack: packing needs data.text_only: true")
+
+
+SAMPLING_MODES = ("off", "mixed", "adaptive", "on_policy")
+
+
+def _validate_sampling(cfg: RunConfig) -> None:
+    from taid_vlm.losses import loss_needs_teacher
+
+    s = cfg.sampling
+    if s.mode is False:  # YAML 1.1 reads an unquoted `off` as false
+        s.mode = "off"
+    _choice("sampling.mode", s.mode, SAMPLING_MODES)
+    _choice("sampling.replay_ratio", s.replay_ratio, ("decreasing", "constant", "increasing"))
+    for key in ("lmbda", "mixed_alpha", "threshold_step"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise ConfigError(f"sampling.{key}: must be in [0, 1], got {getattr(s, key)}")
+    _positive("sampling.capacity", s.capacity)
+    _positive("sampling.max_new_tokens", s.max_new_tokens)
+    _positive("sampling.temperature", s.temperature)
+    if not 0 < s.top_p <= 1:
+        raise ConfigError(f"sampling.top_p: must be in (0, 1], got {s.top_p}")
+    if s.seq_kd and s.mode != "on_policy":
+        raise ConfigError(f"sampling.seq_kd: teacher-generated micro-batches belong to mode on_policy, got {s.mode!r}")
+    if s.mode == "off":
+        return
+    if cfg.teacher.cache is not None:
+        raise ConfigError(f"sampling.mode: {s.mode} scores newly generated text, which a teacher cache "
+                          "(teacher.cache) cannot; use teacher.model, or sampling.mode: off")
+    if not loss_needs_teacher(cfg.loss.name):
+        raise ConfigError(f"sampling.mode: {s.mode} needs a loss that uses the teacher, got loss '{cfg.loss.name}'")
+    if cfg.data.pack:
+        raise ConfigError(f"sampling.mode: {s.mode} generates per sample; it does not work with data.pack: true")
+    if s.mode in ("mixed", "adaptive") and not cfg.data.text_only:
+        raise ConfigError(f"sampling.mode: {s.mode}'s replay buffer holds text only so far; with images use "
+                          "on_policy, or data.text_only: true")
+    if s.mode == "adaptive" and (cfg.data.val is None or not cfg.train.eval_every):
+        raise ConfigError("sampling.mode: adaptive raises its threshold from validation losses during the run; "
+                          "set data.val and train.eval_every")

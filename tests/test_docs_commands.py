@@ -224,6 +224,14 @@ def run_export(cmd: Command, ws: Workspace) -> None:
     assert any(out.rglob("*.safetensors")), f"{cmd.where}: export wrote no weights into {out}"
 
 
+def run_eval(cmd: Command, ws: Workspace) -> None:
+    """lm-eval on the export an earlier command wrote (the task folder is the repo's); scores land in --run."""
+    argv = [str(REPO / a) if a.startswith("tests/") else a for a in cmd.argv]
+    ws.run(argv, cmd.env)
+    records = [json.loads(x) for x in (ws.root / _opt(argv, "--run") / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_harness/shapes_count/acc" in r for r in records), cmd.where
+
+
 def run_cache_teacher(cmd: Command, ws: Workspace) -> None:
     ws.run(cmd.argv, cmd.env)
     assert (ws.root / _opt(cmd.argv, "--out") / "manifest.json").is_file(), cmd.where
@@ -275,6 +283,8 @@ def run_benchmark(cmd: Command, ws: Workspace) -> None:
     tiny = {
         "loss_bench.py": ["--sizes", "32x16x16", "--vocab", "512", "--reps", "1"],
         "data_bench.py": ["--n", "8", "--sizes", "32"],
+        "lora_memory_bench.py": ["--hidden", "64", "--layers", "1", "--r", "2", "--steps", "2",
+                                 "--out", str(ws.root / "lora_bench")],
         "train_bench.py": ["--steps", "3", "--warmup", "1"],
         "cache_bench.py": ["--steps", "5",  # it drops the first 3 steps
                            "--out", str(ws.root / "cache_bench"), "--fidelity-tokens", "2",
@@ -337,6 +347,7 @@ RULES = [
     Rule(rf"deepspeed --num_gpus 2 --master_port \d+ --module taid_vlm\.train {TINY}( .*)?", run_deepspeed_tiny,
          slow=True, fast_check=load_train_config),
     Rule(r"taid-vlm export runs/\S+ \S+", run_export),
+    Rule(r"taid-vlm eval runs/\S+ --tasks shapes_count --include-path tests/data/lm_eval_tasks --run runs/\S+", run_eval),
     Rule(rf"python -m data_tools\.cache_teacher {TINY} .*--out \S+.*", run_cache_teacher),
     Rule(r"python -m data_tools\.make_shards --image-folder DIR --out \S+", run_make_shards),
     Rule(r"python -m data_tools\.check_shards \S+( --json)?", run_check_shards),

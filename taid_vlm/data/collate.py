@@ -9,7 +9,8 @@ supervised, so no loss position predicts across a document boundary. ``attention
 all real tokens of a packed row (it counts tokens; pads sit only at the row end, position 0 each);
 ``position_ids`` are what isolates the documents: a model given them drops the 2-D mask and lets
 transformers build per-document attention from them (taid_vlm/models/packing.py).
-Both add ``loss_positions``/``loss_targets`` (align.loss_positions).
+Both add ``loss_positions``/``loss_targets`` (align.loss_positions); ``collate`` also ``prompt_lengths``
+(per row, the tokens before the last assistant turn: render.prompt_length), where generation starts.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def collate(items: Sequence[Rendered], pad_id: int, pad_to_multiple_of: Optional
         labels[b, :n] = torch.tensor(r.labels, dtype=torch.long)
     pixels = [r.pixel_values for r in items if r.pixel_values is not None]
     out = _finish(input_ids, attention_mask, labels, pixels)
+    out["prompt_lengths"] = torch.tensor([r.prompt_length for r in items], dtype=torch.long)
     image_inputs = [r.image_inputs for r in items if r.image_inputs]
     if image_inputs:
         out["pixel_values"] = collate_image_inputs(image_inputs)

@@ -287,6 +287,8 @@ class SampleStream(IterableDataset):
                 out[name] = collate([it[1][m] for it in items], self.pad_ids[m], self.pad_to_multiple_of)
         flat = [it for row in items for it in row] if packed else items
         out["keys"] = [it[0] for it in flat if it[0] is not None]  # a filler (key None) is no sample
+        if self.mode == "train":  # each row's global sample index (-1: a filler)
+            out["indices"] = [it[2] for it in flat]
         if self.companion is not None:  # records in loss_targets order: sample-major, then token order
             records = [it[3] for it in flat]
             topk = self.companion.collate(records)
@@ -320,7 +322,7 @@ class SampleStream(IterableDataset):
             if i in pending:
                 item = self._prepare_counted(pending.pop(i), skips, stats)
                 if item is not None:
-                    prepared.append(item)
+                    prepared.append((i, item))
         return prepared
 
     def _train_batch(self, items: list) -> Dict[str, Any]:
@@ -388,12 +390,13 @@ class SampleStream(IterableDataset):
                     # pixel tensors of shuffle_buffer samples.
                     prepared = self._render_slot(slot, pending, skips, stats)
                     if prepared and filler is None:
-                        filler = _as_filler(prepared[0])
-                    items = [(key, parts, None, record) for key, parts, record in prepared]
+                        filler = _as_filler(prepared[0][1])
+                    # train items carry their global sample index (generation is seeded by it); a filler -1
+                    items = [(key, parts, i, record) for i, (key, parts, record) in prepared]
                     if not items:
                         if filler is None:
                             filler = self._find_filler(cursors[slot.step_start // K])
-                        items = [(None, filler[1], None, filler[2])]
+                        items = [(None, filler[1], -1, filler[2])]
                     stats["batches"] += 1
                     step_cursor = cursors[slot.step_start // K]
                     batch = self._train_batch(items)

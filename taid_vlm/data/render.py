@@ -54,6 +54,7 @@ class Rendered:
     pixel_values: Optional[torch.Tensor] = None  # [n_images, 3, H, W] or None
     truncated: bool = False
     image_inputs: Optional[Dict[str, torch.Tensor]] = None  # dynamic-resolution models: the processor's tensors
+    prompt_length: int = 0  # tokens before the last assistant turn: what a model generates from (prompt_length())
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -82,6 +83,19 @@ def collapse(ids: List[int], labels: List[int], prompt_ids: List[int], image_tok
             out_labels.append(labels[k])
             k += 1
     return out_ids, out_labels
+
+
+def prompt_length(labels: List[int]) -> int:
+    """Where the last run of supervised tokens starts: a conversation up to its last assistant turn (the
+    official TAID data split at the last generation prompt, TRL's GKD collator renders messages[:-1]
+    with it); a raw document (every token but the first supervised) has its first token as prompt."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
 
 
 def pad_token_id(tokenizer) -> int:
@@ -195,6 +209,11 @@ class Renderer:
         return Rendered(out_ids, out_labels, None, truncated, inputs.tensors if kept else None)
 
     def __call__(self, sample: Sample) -> Rendered:
+        rendered = self._render(sample)
+        rendered.prompt_length = prompt_length(rendered.labels)
+        return rendered
+
+    def _render(self, sample: Sample) -> Rendered:
         spec = self.spec
         ids, labels = self._chat(sample) if sample.messages is not None else self._text(sample)
         if sample.images and spec.image_processor is not None:

@@ -9,6 +9,9 @@ is the config's, frozen). A loss other than the config's own runs with its defau
 one of a key compare sets itself (seed, loss.name, ...: COMPARE_SETS) is refused, not silently replaced.
 `--seeds 3` runs seeds 0, 1, 2; `--seeds 7,8` runs those: with the same --out, finished runs are reused,
 so `--seeds 0,1,2,7,8` adds two seeds to a table of three.
+Besides loss names, `--losses` takes methods (methods.py): `LOSS+MODE` (e.g. `taid+on_policy`: the loss
+trained on student-generated text, docs/sampling.md) and the paper's protocols `gkd` (gjsd 0.1 + mixed)
+and `distillm` (sfkl 0.1 + adaptive).
 
 A capacity-gap study config (`study: capacity_gap`, see configs/demo/capacity_gap.yaml) trains each
 listed teacher with cross-entropy on the same data, then runs the comparison once per teacher, and
@@ -29,8 +32,9 @@ from typing import Callable, Optional, Sequence
 import yaml
 
 from .colours import method_colour
-from .report import (COMPARE_METRICS, Stat, _plt, _save, aggregate, compare_rows, markdown_table, plot_compare,
-                     text_table, with_derived)
+from .methods import MethodError, method_overrides, split_method
+from .report import (COMPARE_METRICS, Stat, _plt, _save, aggregate, compare_rows, harness_metrics, markdown_table,
+                     plot_compare, text_table, with_derived)
 from .runs import Metrics, TrainJob, overrides_text, run_export, run_training
 
 DEFAULT_LOSSES = ("taid", "fkl", "rkl", "sfkl")
@@ -41,14 +45,15 @@ class CompareError(ValueError):
 
 
 def parse_losses(text: str) -> list[str]:
-    from taid_vlm.losses import LOSS_NAMES
-
+    """Loss names and methods (methods.py: `taid+on_policy`, `gkd`, `distillm`)."""
     names = [x.strip() for x in text.split(",") if x.strip()]
     if not names:
         raise CompareError("--losses: give at least one loss name, e.g. --losses taid,fkl,rkl")
-    unknown = [n for n in names if n not in LOSS_NAMES]
-    if unknown:
-        raise CompareError(f"--losses: unknown loss {', '.join(map(repr, unknown))}; choose from {', '.join(LOSS_NAMES)}")
+    for name in names:
+        try:
+            split_method(name)
+        except MethodError as e:
+            raise CompareError(f"--losses: {e}") from None
     if len(set(names)) != len(names):
         raise CompareError(f"--losses: a loss is listed twice: {text}")
     return names
@@ -123,7 +128,7 @@ class CompareResult:
     seconds: float
 
 
-def check_config(config: Path, overrides: Sequence[str], losses: Sequence[str]):
+def check_config(config: Path, overrides: Sequence[str], losses: Sequence[str], method: str = ""):
     """Load the config as the trainer will (errors name the key); the teacher must exist for distillation."""
     from taid_vlm.config import ConfigError, load_config
 
@@ -132,7 +137,7 @@ def check_config(config: Path, overrides: Sequence[str], losses: Sequence[str]):
     try:
         cfg = load_config(config, list(overrides))
     except ConfigError as e:
-        raise CompareError(f"config error: {e}") from None
+        raise CompareError(f"config error{f' for method {method}' if method else ''}: {e}") from None
     if cfg.data.val is None:
         raise CompareError(f"{config}: data.val is required: compare reports held-out metrics")
     teacher = cfg.teacher.model
@@ -155,6 +160,12 @@ def run_compare(config: Path, losses: Sequence[str], seeds: Sequence[int], steps
     eval_every = max(1, steps // eval_points) if eval_points else 0
     base = [*overrides, f"train.eval_every={eval_every}", "train.eval_at_start=true"]
     own_loss = cfg.loss.name
+    for method in losses:  # a method the config cannot run (e.g. a replay buffer with images) fails before any run
+        try:
+            extra = method_overrides(method, own_loss)
+        except MethodError as e:  # a study's list of losses comes from its file, not from --losses
+            raise CompareError(f"losses: {e}") from None
+        check_config(config, [*base, *extra], [method], method)
     start = time.time()
     per_run: dict[str, list[dict]] = {}
     curves: dict[str, list[Metrics]] = {}
@@ -162,7 +173,7 @@ def run_compare(config: Path, losses: Sequence[str], seeds: Sequence[int], steps
     n_runs, done = len(losses) * len(seeds), 0
     for seed in seeds:  # seed-major: a partial sweep already holds every loss for the first seeds
         for loss in losses:
-            loss_overrides = [f"loss.name={loss}"] + ([] if loss == own_loss else ["loss.params={}"])
+            loss_overrides = method_overrides(loss, own_loss)
             job = TrainJob(name=f"{loss} seed {seed} ({done + 1}/{n_runs})", config=config,
                            run_dir=out / "runs" / loss / f"seed{seed}", steps=steps,
                            overrides=[*base, f"seed={seed}", *loss_overrides])
@@ -174,6 +185,7 @@ def run_compare(config: Path, losses: Sequence[str], seeds: Sequence[int], steps
             if "eval_teacher_ce" in final and not teacher:
                 teacher = {k: final[k] for k in ("eval_teacher_ce", "eval_teacher_acc") if k in final}
     keys = [k for k, _, _ in COMPARE_METRICS] + ["eval_teacher_ce", "eval_teacher_acc", "eval_tokens"]
+    keys += [k for k, _, _ in harness_metrics(k for runs in per_run.values() for r in runs for k in r)]
     agg = aggregate(per_run, keys)
     command = ("taid-vlm compare " + _rel(config) + f" --losses {','.join(losses)} --seeds {seeds_text(seeds)}"
                f" --steps {steps}" + (f" --out {_rel(out)}" if out else "")
@@ -222,7 +234,7 @@ def verdict(agg: dict[str, dict[str, Stat]], key: str = "eval_kl") -> list[str]:
 
 def write_compare(result: CompareResult, out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = compare_rows(result.agg)
+    header, rows = compare_rows(result.agg, COMPARE_METRICS + harness_metrics(k for s in result.agg.values() for k in s))
     png = plot_compare(result.agg, result.curves, out / "compare.png", title=title)
     md = [f"# {title}", "", "```bash", result.command, "```", "",
           f"Final held-out metrics after {result.steps} optimizer steps; mean ± sample std over seeds "

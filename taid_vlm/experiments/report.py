@@ -42,6 +42,13 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+def harness_metrics(keys) -> tuple[tuple[str, str, bool], ...]:
+    """Table columns for the scores `taid-vlm eval --run` added to runs (higher is better; no stderr)."""
+    names = sorted({k for k in keys if k.startswith(("eval_harness/", "eval_answer_exact_match"))
+                    and not k.endswith("_stderr") and not k.endswith("/sample_len")})
+    return tuple((k, f"{k[len('eval_'):]} ↑", False) for k in names)
+
+
 def stat(values: Sequence[float]) -> Stat:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:

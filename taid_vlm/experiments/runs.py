@@ -79,8 +79,8 @@ class Metrics:
                 m.finished = True
             elif "event" in r:
                 continue
-            elif any(k.startswith("eval_") for k in r):
-                m.evals[int(r["step"])] = r
+            elif any(k.startswith("eval_") for k in r):  # a step's records merge (`taid-vlm eval --run` adds one)
+                m.evals.setdefault(int(r["step"]), {}).update(r)
             elif "loss" in r and "step" in r:
                 m.train[int(r["step"])] = r
         return m

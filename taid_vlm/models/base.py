@@ -41,6 +41,12 @@ class DistillableModel(nn.Module):
     def output_embeddings(self) -> nn.Module:
         raise NotImplementedError
 
+    def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        pixel_values: Optional[torch.Tensor] = None, **generate_kwargs) -> torch.Tensor:
+        """The new tokens ``[B, N]`` that Hugging Face ``generate`` (KV cache) appends to the LEFT-padded
+        prompts; ``generate_kwargs`` go to ``generate`` (generation_config, logits_processor)."""
+        raise NotImplementedError(f"model type {self.kind!r} cannot generate yet (sampling.mode needs it)")
+
     def components(self) -> Dict[str, Iterable[nn.Parameter]]:
         """Named parameter groups that ``freeze`` may name."""
         raise NotImplementedError

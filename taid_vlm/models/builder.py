@@ -9,8 +9,8 @@ from .base import ROLES, DistillableModel
 from .config_checks import check_keys, choose, dtype_name, resolve_dtype
 
 MODEL_TYPES = ("composed", "hf_vlm", "causal_lm")
-_COMPOSED_KEYS = ("type", "dtype", "tokenizer", "image_token", "vision", "projector", "llm", "freeze")
-_CAUSAL_KEYS = ("type", "dtype", "tokenizer", "llm", "freeze")
+_COMPOSED_KEYS = ("type", "dtype", "tokenizer", "image_token", "vision", "projector", "llm", "freeze", "lora")
+_CAUSAL_KEYS = ("type", "dtype", "tokenizer", "llm", "freeze", "lora")
 
 
 def build_model(cfg: Mapping[str, Any], role: str = "student", where: str = "model") -> DistillableModel:
@@ -33,6 +33,10 @@ def build_model(cfg: Mapping[str, Any], role: str = "student", where: str = "mod
         model = HFVisionLanguageModel.from_config(cfg, dtype, where)
     model.freeze(cfg.get("freeze") or [], f"{where}.freeze")
     model.set_role(role)
+    if cfg.get("lora") is not None:
+        from .lora import apply_lora
+
+        apply_lora(model, cfg["lora"], f"{where}.lora")
     model.eval()  # deterministic until the trainer calls .train() (a teacher ignores it)
     return model
 

@@ -64,6 +64,13 @@ class ComposedVLM(DistillableModel):
     def output_embeddings(self) -> nn.Module:
         return self.llm.get_output_embeddings()
 
+    def generate_tokens(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        # ids and the spliced embeddings both: generate then returns the prompt ids + the new tokens
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        out = self.llm.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
+                                **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
+
     def components(self) -> Dict[str, Iterable[nn.Parameter]]:
         return {"vision": list(self.vision.parameters()), "projector": list(self.projector.parameters()),
                 "llm": list(self.llm.parameters()),

@@ -37,7 +37,7 @@ from .folder_checks import (ModelFolderError, check_model_folder, check_processo
 from .tokenizer_loading import image_token_id as lookup_image_token_id
 
 KEYS = ("type", "path", "config", "tokenizer", "image_processor", "image_token", "tokens_per_image", "dtype",
-        "attn_implementation", "gradient_checkpointing", "freeze", "processor")
+        "attn_implementation", "gradient_checkpointing", "freeze", "processor", "lora")
 SUPPORTED = ("llava",) + tuple(sorted(FAMILIES))
 
 
@@ -220,6 +220,14 @@ class HFVisionLanguageModel(DistillableModel):
 
     def output_embeddings(self) -> nn.Module:
         return self.hf.get_output_embeddings()
+
+    def generate_tokens(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        if self.family is not None:  # dynamic resolution: the processor's tensors, as forward takes them
+            images = self.model_image_inputs(pixel_values or {}, input_ids)
+        else:
+            images = {"pixel_values": pixel_values.to(self.hf.dtype)} if pixel_values is not None else {}
+        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **images, **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
 
     def components(self) -> Dict[str, Iterable[nn.Parameter]]:
         base = self.hf.base_model

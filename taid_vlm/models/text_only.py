@@ -29,6 +29,12 @@ class CausalLM(DistillableModel):
     def output_embeddings(self) -> nn.Module:
         return self.llm.get_output_embeddings()
 
+    def generate_tokens(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        if pixel_values is not None:
+            raise ValueError("text-only model (type causal_lm) got pixel_values; it takes no images")
+        out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
+
     def components(self) -> Dict[str, Iterable[nn.Parameter]]:
         return {"llm": list(self.llm.parameters()),
                 "embeddings": list(self.llm.get_input_embeddings().parameters())}

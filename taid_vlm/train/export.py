@@ -100,12 +100,14 @@ def write_student(student, out_dir: Path, overwrite: bool = False, protect: tupl
     """Write ``student`` to ``out_dir`` (see the module docstring); returns the format written."""
     from taid_vlm.models.hf_export import NoStandardEquivalent, standard_hf_model
     from taid_vlm.models.io import write_model_files
+    from taid_vlm.models.lora import merge_for_export
 
     out_dir = Path(out_dir)
     try:
         check_destination(out_dir, overwrite, protect)
     except DestinationError as e:
         raise ExportError(str(e)) from None
+    adapter = merge_for_export(student)  # a LoRA student leaves merged, as its standard model
     template = training_chat_template(student)
     hf_model = processor = None
     if student.kind != "causal_lm":
@@ -117,6 +119,8 @@ def write_student(student, out_dir: Path, overwrite: bool = False, protect: tupl
                         "causal LM)", e)
     try:
         with staged_folder(out_dir, overwrite, protect) as stage:
+            if adapter is not None:
+                adapter.save(stage / "adapter")
             if student.kind == "causal_lm":
                 if getattr(student.tokenizer, "chat_template", None) is None:
                     student.tokenizer.chat_template = template

@@ -1,6 +1,6 @@
-"""Rank-0 logging: metrics.jsonl (one JSON object per logged step or eval), TensorBoard when installed,
-and the step progress (taid_vlm.progress: a bar on a terminal, else one line per logged step with step,
-loss, t, tokens/s and ETA)."""
+"""Rank-0 logging: metrics.jsonl (one JSON object per logged step or eval), the experiment trackers of
+`train.report_to` (trackers.py), and the step progress (taid_vlm.progress: a bar on a terminal, else one
+line per logged step with step, loss, t, tokens/s and ETA)."""
 
 from __future__ import annotations
 
@@ -13,27 +13,22 @@ from typing import Any, Optional
 
 from taid_vlm.progress import StepProgress
 
+from .trackers import Trackers
+
 log = logging.getLogger("taid_vlm.train")
 
 
 class MetricsLog:
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 progress_bar: bool = True, tensorboard: bool = True):
+                 progress_bar: bool = True, trackers: Optional[Trackers] = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
+        self.trackers = trackers
         self._bar = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self._tb = None
         # The bar on a terminal (train.progress_bar: false turns it off); one line per logged step elsewhere.
         self._bar = StepProgress(total_steps, start_step, bar=progress_bar)
 
@@ -43,10 +38,8 @@ class MetricsLog:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         record.setdefault("time", time.time())
         self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None and "step" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
-                    self._tb.add_scalar(k, v, record["step"])
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def progress(self, step: int, loss: float, t: Optional[float], tokens_per_s: float, dropped: int = 0) -> None:
         if self._bar is not None:
@@ -57,6 +50,6 @@ class MetricsLog:
             return
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        self._file.close()
+        self._file.close()  # complete before the trackers take it as an artefact
+        if self.trackers is not None:
+            self.trackers.close()

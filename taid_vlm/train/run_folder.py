@@ -1,9 +1,10 @@
 """A run folder belongs to one run.
 
-OUTPUT_DIR holds what a run writes: checkpoints/, metrics.jsonl, config.yaml, tensorboard/. A new run
+OUTPUT_DIR holds what a run writes: checkpoints/, metrics.jsonl, config.yaml, tensorboard/, trackers.json
+(its W&B / MLflow run ids; the trackers' own stores, wandb/ and mlflow.db, are kept). A new run
 in a folder that already holds another run's checkpoints or metrics is refused unless the user says
 what they want: `--resume` continues that run (metrics.jsonl is appended to), `--overwrite` deletes
-exactly those four entries (never any other file in the folder) and starts fresh. Otherwise pruning
+exactly those five entries (never any other file in the folder) and starts fresh. Otherwise pruning
 by step name, `latest` and metrics.jsonl would mix two runs.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from taid_vlm.errors import UserError
 
-RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard")
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard", "trackers.json")
 
 
 def previous_run(out_dir: Path) -> list[str]:

@@ -42,10 +42,12 @@ from .launch_env import all_reduce_sum, configure_logging, init_distributed
 from .metrics_log import MetricsLog
 from .objective import DistillationObjective, step_denominator, step_loss
 from .run_summary import summary_lines
+from .sampling import build_step_sampler
 from .signals import GracefulStop, TrainingStopped
 from .single_rank import backward_reduction
 from .synthetic import ensure_synthetic_data
 from .teacher import teacher_for_batch
+from .trackers import open_trackers
 
 log = logging.getLogger("taid_vlm.train")
 
@@ -123,6 +125,9 @@ class Trainer:
             cfg, self.student_model, self.teacher_model if uses_teacher else None, self.teacher_model,
             self.rank, self.world, self.cache)
         self.train_iter = None
+        # sampling.mode: micro-batches replaced by generated completions (train/sampling/); None when off
+        self.sampler = build_step_sampler(cfg, self.student_model, self.train_teacher, self.rank, self.world,
+                                          self.device, self.engine)
 
     def _check_data_and_log_summary(self) -> None:
         """An all-bad train or val set fails now (skip reasons listed), not as a hang or a 0.0 metric."""
@@ -147,12 +152,15 @@ class Trainer:
             self.dropped_total = int(client.get("dropped_micro_batches", 0))
             self.loss_fn.load_schedule_state(client["schedule"])
             self.train_loader.load_state_dict(client["data"])
+            if self.sampler is not None:
+                self.sampler.load_state_dict(client.get("sampling"))
             ckpt.set_rng_state(ckpt.load_rank_state(found, self.rank)["rng"])
             changed = apply_optim_config(self.scheduler, cfg.optim)
             log.info("resumed from %s at step %d%s", found, self.step,
                      f"; applied the config's {', '.join(changed)}" if changed else "")
+        trackers = open_trackers(cfg, self.out_dir, resumed=found is not None) if self.rank == 0 else None
         self.metrics = MetricsLog(self.out_dir, self.rank == 0, cfg.train.total_steps, self.step,
-                                  cfg.train.progress_bar, cfg.train.tensorboard)
+                                  cfg.train.progress_bar, trackers)
         if found is not None:
             self.metrics.write({"event": "resume", "step": self.step, "checkpoint": str(found)})
         t = cfg.train
@@ -207,6 +215,8 @@ class Trainer:
         accum, world = self.cfg.train.grad_accum, self.world
         # The step's batches are fetched first: every micro-batch loss is divided by the step's global token count.
         step_batches = [next(self.train_iter) for _ in range(accum)]
+        if self.sampler is not None:
+            step_batches = self.sampler.prepare_step(step_batches, self.step)
         denominator = step_denominator(step_batches, world, accum, self.device)
         losses, skipped, tokens, supervised, grad_norm = [], 0, 0.0, 0.0, None
         lr = self.scheduler.get_last_lr()[0]  # the LR this step applies (engine.step advances the schedule)
@@ -300,6 +310,8 @@ class Trainer:
                           self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
                           progress=f"eval step {self.step}" if self.rank == 0 else None)
         self.metrics.write({"step": self.step, **result})
+        if self.sampler is not None:
+            self.sampler.after_eval(result)
         if self.rank == 0:
             log.info("eval step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
@@ -310,7 +322,8 @@ class Trainer:
         self.guard.check_before_save(self.step, self._parameter_norm())
         client = {"step": self.step, "schedule": self.loss_fn.schedule_state(), "config": self.cfg.to_dict(),
                   "model_type": self.student_model.kind, "data": self.train_loader.state_dict(),
-                  "world_size": self.world, "dropped_micro_batches": self.dropped_total}
+                  "world_size": self.world, "dropped_micro_batches": self.dropped_total,
+                  "sampling": self.sampler.state_dict() if self.sampler is not None else None}
         # Each rank records its own schedule too: a check that every rank holds the same t.
         rank_state = {"rng": ckpt.rng_state(), "schedule": self.loss_fn.schedule_state()}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, rank_state, self.rank,
