@@ -9,8 +9,9 @@ import pytest
 import yaml
 from matplotlib.colors import to_hex, to_rgba
 
-from taid_vlm.experiments.colours import METHOD_COLOURS, method_colour
+from taid_vlm.experiments.colours import METHOD_COLOURS, MODE_DARKENING, method_colour
 from taid_vlm.experiments.compare import draw_capacity_gap
+from taid_vlm.experiments.methods import PROTOCOLS, SAMPLED_MODES
 from taid_vlm.experiments.report import aggregate, draw_compare, draw_runs, plot_compare
 from taid_vlm.experiments.runs import Metrics
 from taid_vlm.experiments.t_plot import draw_taid_t, plot_taid_t, schedule_floor, t_title
@@ -49,10 +50,14 @@ def _line_colours(ax) -> dict[str, str]:
     return {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines() if not line.get_label().startswith("_")}
 
 
-def test_every_loss_and_the_teacher_has_its_own_colour():
-    assert set(LOSS_NAMES) | {"teacher"} == set(METHOD_COLOURS)
+def test_every_method_and_the_teacher_has_its_own_colour():
+    assert set(LOSS_NAMES) | set(PROTOCOLS) | {"teacher"} == set(METHOD_COLOURS)
+    assert set(MODE_DARKENING) == set(SAMPLED_MODES)
+    sampled = [f"{loss}+{mode}" for loss in LOSS_NAMES for mode in SAMPLED_MODES]
     hexes = [to_hex(c) for c in METHOD_COLOURS.values()]
     assert len(set(hexes)) == len(hexes)
+    assert len({method_colour(m) for m in sampled} | set(hexes)) == len(sampled) + len(hexes)
+    assert method_colour("taid+on_policy") == "#663306"  # TAID's orange (#ff7f0e) at 40 %
     assert method_colour("TAID student") == method_colour("taid") == "tab:orange"
     assert method_colour("SFT student") == method_colour("ce") == method_colour("sft")
     assert method_colour("my_new_loss") == method_colour("my_new_loss")  # unlisted: still one stable colour
