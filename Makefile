@@ -24,7 +24,7 @@ test: setup
 # The end-to-end tier (marked `slow`): real `taid-vlm` / `deepspeed` launches in subprocesses,
 # multi-process ZeRO runs, every shipped recipe, the docs' commands (~40 min on 2 cores). CI runs both.
 test-e2e: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow --durations=15 tests
 
 # Synthetic shards -> teacher VLM (CE) -> TAID and SFT students -> runs/demo/report.md (about 5-10 min on 2 CPU cores).
 demo: setup
