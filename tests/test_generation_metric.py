@@ -75,14 +75,18 @@ def student():
     prompt's last token ("\n", which strips to nothing); this one writes letters."""
     torch.manual_seed(0)
     model = build_model(load_cfg("tiny_text_student"))
-    part = _batch(model, [_chat("a", "blue")])["student"]
+    fit_answers(model, _batch(model, [_chat("a", "blue")])["student"])
+    return model.eval()
+
+
+def fit_answers(model, part: dict, steps: int = 40) -> None:
+    """A few Adam steps of plain CE on a collated part: the tiny model starts to write its answers."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
+    for _ in range(steps):
         loss = model.llm(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["labels"]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
 
 
 def _chat(key: str, answer: str) -> Sample:
