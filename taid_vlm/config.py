@@ -113,6 +113,9 @@ class TrainConfig:
     eval_every: int = 0                   # 0: only at the end
     eval_batches: int = 0                 # 0: the whole val set
     eval_at_start: bool = False           # also evaluate the initial student (step 0)
+    eval_generation: int = 0              # score the first N held-out conversations by the student's greedy
+                                          # answers (eval_rougeL, eval_exact_match); 0: off
+    eval_max_new_tokens: int = 0          # eval_generation's answer length cap (0: sampling.max_new_tokens)
     save_every: int = 0                   # 0: only at the end
     keep_last: int = 2
     max_nonfinite_in_a_row: int = 5       # non-finite micro-batches in a row before the run stops
@@ -458,7 +461,7 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.grad_accum", t.grad_accum)
     _choice("train.precision", t.precision, ("fp32", "bf16"))
     _positive("train.log_every", t.log_every)
-    for key in ("eval_every", "eval_batches", "save_every"):
+    for key in ("eval_every", "eval_batches", "save_every", "eval_generation", "eval_max_new_tokens"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _positive("train.keep_last", t.keep_last)
     _positive("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)

@@ -42,11 +42,21 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+# Scores a run has only sometimes: train.eval_generation (generation_metric.py) and `taid-vlm eval --run`.
+GENERATION_METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("eval_rougeL", "ROUGE-L (greedy answers) ↑", False),
+    ("eval_exact_match", "exact match (greedy answers) ↑", False),
+)
+
+
 def harness_metrics(keys) -> tuple[tuple[str, str, bool], ...]:
-    """Table columns for the scores `taid-vlm eval --run` added to runs (higher is better; no stderr)."""
+    """Table columns for the optional scores the runs have: the eval loop's generation metric, and those
+    `taid-vlm eval --run` added to runs (higher is better; no stderr)."""
+    keys = set(keys)
     names = sorted({k for k in keys if k.startswith(("eval_harness/", "eval_answer_exact_match"))
                     and not k.endswith("_stderr") and not k.endswith("/sample_len")})
-    return tuple((k, f"{k[len('eval_'):]} ↑", False) for k in names)
+    generated = tuple(m for m in GENERATION_METRICS if m[0] in keys)
+    return generated + tuple((k, f"{k[len('eval_'):]} ↑", False) for k in names)
 
 
 def stat(values: Sequence[float]) -> Stat:

@@ -50,11 +50,12 @@ def metric_sums(h_s, w_s, teacher: Optional[TeacherSource], targets, chunk: int 
 
 
 def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
-             to_device=None, progress: Optional[str] = None) -> dict[str, float]:
+             to_device=None, progress: Optional[str] = None, generation=None) -> dict[str, float]:
     """Every rank calls this. Ranks that run out of batches keep stepping with a zero-weight batch so that
     ZeRO-3's collective parameter gathers stay matched. ``objective.student`` is the student model;
     ``teacher`` a train.teacher.Teacher or None (batches may carry a cached top-k instead). ``progress``:
-    the name to show the loop's progress under (taid_vlm.progress; None: silent, e.g. ranks > 0)."""
+    the name to show the loop's progress under (taid_vlm.progress; None: silent, e.g. ranks > 0).
+    ``generation``: a generation_metric.GenerationScorer (train.eval_generation) fed every batch, or None."""
     was_training = objective.training
     objective.eval()
     totals = dict.fromkeys(METRICS, 0.0)
@@ -81,6 +82,8 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
                 for k in METRICS:
                     totals[k] += sums[k]
                 count += float(batch["student"]["loss_targets"].numel())
+            if generation is not None:
+                generation.add(batch if real else None)
             shown.advance()
     finally:
         shown.close()
@@ -89,7 +92,7 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
     n = max(reduced[-1], 1.0)
     out = {f"eval_{k}": v / n for k, v in zip(METRICS, reduced[:-1]) if with_teacher or k not in TEACHER_METRICS}
     out["eval_tokens"] = int(reduced[-1])
-    return out
+    return {**out, **(generation.result() if generation is not None else {})}
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from .device import to_device
 from .ds_config import student_ds_config
 from .elastic import load_engine_checkpoint
 from .evaluate import evaluate
+from .generation_metric import build_generation_scorer
 from .guard import DivergenceError, DivergenceGuard, parameter_norm
 from .launch_env import all_reduce_sum, configure_logging, init_distributed
 from .metrics_log import MetricsLog
@@ -306,9 +307,10 @@ class Trainer:
         """Held-out metrics at the current step (against the teacher when there is one); {} without val data."""
         if self.make_val_loader is None:
             return {}
+        scorer = build_generation_scorer(self.cfg, self.student_model, self.engine, self.rank, self.world, self.device)
         result = evaluate(self.engine.module, self.teacher, self.make_val_loader(), self.device, self.vocab_size,
                           self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
-                          progress=f"eval step {self.step}" if self.rank == 0 else None)
+                          progress=f"eval step {self.step}" if self.rank == 0 else None, generation=scorer)
         self.metrics.write({"step": self.step, **result})
         if self.sampler is not None:
             self.sampler.after_eval(result)
