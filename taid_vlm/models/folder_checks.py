@@ -33,17 +33,22 @@ class ModelFolderError(UserError, ValueError):
     """A model folder that cannot be loaded: ``<key>: <what is wrong>`` and the file (``where``)."""
 
 
+def read_json_file(file: Path, where: str, missing: str, culprit: str):
+    """The JSON in ``file``; a missing or unparsable file is one ModelFolderError (``missing`` says what is absent)."""
+    if not file.is_file():
+        raise ModelFolderError(f"{where}: {missing}", culprit)
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{where}: {file.name} is not valid JSON ({e})", str(file)) from None
+
+
 def read_model_type(folder: Path, where: str) -> str:
     """``model_type`` of the folder's config.json, one transformers knows."""
     from transformers import CONFIG_MAPPING, __version__
 
     file = Path(folder) / CONFIG_FILE
-    if not file.is_file():
-        raise ModelFolderError(f"{where}: no {CONFIG_FILE} in the model folder", str(file))
-    try:
-        config = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{where}: {CONFIG_FILE} is not valid JSON ({e})", str(file)) from None
+    config = read_json_file(file, where, f"no {CONFIG_FILE} in the model folder", str(file))
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not model_type:
         raise ModelFolderError(f"{where}: {CONFIG_FILE} names no model_type", str(file))

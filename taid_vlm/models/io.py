@@ -31,16 +31,11 @@ def load_model(directory: Union[str, Path], role: str = "student", where: Option
     from safetensors.torch import load_file
 
     from .builder import build_model
-    from .folder_checks import ModelFolderError, check_safetensors
+    from .folder_checks import ModelFolderError, check_safetensors, read_json_file
 
     directory, where = Path(directory), where or f"{role}.model.saved"
     cfg_file = directory / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise ModelFolderError(f"{where}: not a saved taid-vlm model (no {CONFIG_FILE})", str(directory))
-    try:
-        payload = json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{where}: {CONFIG_FILE} is not valid JSON ({e})", str(cfg_file)) from None
+    payload = read_json_file(cfg_file, where, f"not a saved taid-vlm model (no {CONFIG_FILE})", str(directory))
     if payload.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{where}: format_version {payload.get('format_version')!r}; expected {FORMAT_VERSION}",
                                str(cfg_file))
