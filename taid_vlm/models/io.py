@@ -11,7 +11,6 @@ The folder is written next to its destination and renamed into place, so a crash
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Union
