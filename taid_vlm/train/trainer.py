@@ -182,20 +182,31 @@ class Trainer:
                      self.step, t.total_steps)
         self._window = (0.0, time.perf_counter())
         with GracefulStop() as stop:  # SIGTERM / SIGINT: finish the step, save, raise TrainingStopped
-            while self.step < t.total_steps:
-                record = self.train_step()
-                check_training_data(self.train_loader, self.cfg.data, lambda v: all_reduce_sum(v, self.device))
-                self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
-                self.log_step(record)
-                if _due(self.step, t.eval_every, t.total_steps):
-                    self.last.update(self.evaluate())
-                saved = self.save() if _due(self.step, t.save_every, t.total_steps) else None
-                self._stop_if_requested(stop, saved)
+            try:
+                while self.step < t.total_steps:
+                    record = self.train_step()
+                    check_training_data(self.train_loader, self.cfg.data, lambda v: all_reduce_sum(v, self.device))
+                    self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
+                    self.log_step(record)
+                    if _due(self.step, t.eval_every, t.total_steps):
+                        self.last.update(self.evaluate())
+                    saved = self.save() if _due(self.step, t.save_every, t.total_steps) else None
+                    self._stop_if_requested(stop, saved)
+            finally:
+                self._stop_train_workers()
             self.last.update(self.evaluate())
             if not finished:
                 self.save()
         self.close()
         return self.last
+
+    def _stop_train_workers(self) -> None:
+        """End the train stream's DataLoader workers now. Left to interpreter exit (the Trainer sits in reference
+        cycles, so its stream can outlive fit), multiprocessing would SIGTERM them, which they ignore (a signal to
+        the process group must not kill them mid-step), and wait for them forever: the run hung after its end."""
+        it, self.train_iter = self.train_iter, None
+        if it is not None:
+            it.close()  # the generator's frame drops its DataLoader iterator, which shuts its workers down
 
     def _stop_if_requested(self, stop: GracefulStop, saved: Optional[Path]) -> None:
         """All ranks vote, so all stop after the same step; the checkpoint is written once."""
