@@ -68,6 +68,11 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     caption_instruction: Optional[str] = None
+    # Remote shards (http(s)://, pipe:, gs:// ...) are fetched once per node into this node-local folder
+    # (None: $TMPDIR/taid_vlm_shards) and read from there; docs/remote_shards.md.
+    cache_dir: Optional[str] = None
+    cache_max_gb: float = 64.0          # least recently used shards not in use are removed beyond this
+    fetch_retries: int = 3              # more attempts after a failed fetch, then the shard is a counted skip
     # Stop the run (from data_guard.MIN_SAMPLES samples read on) when more than this share of the samples read was
     # skipped, or of the supervised tokens could not be paired between teacher and student (0: stop at any).
     max_skipped_fraction: float = 0.5
@@ -171,8 +176,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def resolve_path(self, path: Optional[str]) -> Optional[str]:
-        if path is None:
-            return None
+        if path is None or is_url(str(path)):
+            return path
         p = Path(str(path)).expanduser()
         return str(p if p.is_absolute() else (Path(self.config_dir) / p).resolve())
 
@@ -180,7 +185,8 @@ class RunConfig:
 # ---- loading -----------------------------------------------------------------------------------
 
 # Config values that are paths (dotted keys), and the keys inside model sections that name local paths.
-PATH_KEYS = ("output_dir", "data.train", "data.val", "data.synthetic_dir", "teacher.cache", "deepspeed.config_file")
+PATH_KEYS = ("output_dir", "data.train", "data.val", "data.synthetic_dir", "data.cache_dir", "teacher.cache",
+             "deepspeed.config_file")
 MODEL_PATH_KEYS = ("path", "saved")        # always local folders/files
 MODEL_MAYBE_PATH_KEYS = ("pretrained",)    # a local file, or an open_clip tag (kept when no such file exists)
 
@@ -240,11 +246,16 @@ def _read_model(model, base: Path, where: str):
     return model
 
 
+def is_url(value: str) -> bool:
+    """A remote shard spec (``http://``, ``s3://``, ``pipe:CMD`` ...): never resolved as a path."""
+    return "://" in value or value.startswith("pipe:")
+
+
 def _absolute(value, cwd: Path):
     """A path value (str, comma-separated str or list) made absolute against `cwd`; remote URLs kept."""
     def one(s: str) -> str:
         s = s.strip()
-        if "://" in s or s.startswith("pipe:"):
+        if is_url(s):
             return s
         p = Path(s).expanduser()
         return str(p if p.is_absolute() else cwd / p)
@@ -503,6 +514,8 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
             raise ConfigError("data.synthetic_dir: required with data.synthetic (where to generate the shards)")
     _positive("data.max_length", d.max_length)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.cache_max_gb", d.cache_max_gb)
+    _positive("data.fetch_retries", d.fetch_retries, allow_zero=True)
     for key in ("max_skipped_fraction", "max_unaligned_fraction"):
         if not 0 <= getattr(d, key) <= 1:
             raise ConfigError(f"data.{key}: must be in [0, 1], got {getattr(d, key)}")

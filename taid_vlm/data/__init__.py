@@ -53,7 +53,7 @@ the shards hold no usable sample (a setup check), as the train stream does after
 ``loader.skips`` is a SkipCounter: ``.as_dict()`` reason -> count, ``.examples`` reason -> keys,
 ``.summary()`` one log line. Reasons: corrupt_image, missing_image, missing_text, bad_json,
 bad_conversation, marker_mismatch, ambiguous_images, images_in_text_only, too_long, unaligned,
-truncated_tar, tar_error (skips.py). ``loader.stats``: samples, batches, supervised_tokens, truncated,
+truncated_tar, tar_error, fetch_error (skips.py). ``loader.stats``: samples, batches, supervised_tokens, truncated,
 unaligned_tokens_dropped. Both are included in the state dict.
 
 Modes: ``train`` is endless (resampled shard rounds, block shuffle of samples); ``eval`` is one exact
@@ -63,6 +63,7 @@ pass (each sample once over all ranks and workers; ranks may get different numbe
 from .align import align_labels, loss_positions
 from .collate import collate, collate_packed
 from .formats import DEFAULT_CAPTION_INSTRUCTION, IMAGE_MARKER
+from .node_cache import FetchError, NodeCache, default_cache_dir
 from .pipeline import Loader, NoUsableSampleError, SampleStream, build_loader, read_shard
 from .render import IGNORE_INDEX, Rendered, Renderer, check_spec
 from .samples import Sample, decode_sample
@@ -70,6 +71,7 @@ from .shards import expand_shards
 from .skips import SampleError, SkipCounter
 
 __all__ = [
+    "NodeCache", "FetchError", "default_cache_dir",
     "build_loader", "Loader", "NoUsableSampleError", "SampleStream", "read_shard", "expand_shards", "Sample", "decode_sample",
     "Renderer", "Rendered", "check_spec", "align_labels", "loss_positions", "collate", "collate_packed",
     "SampleError", "SkipCounter", "IMAGE_MARKER", "DEFAULT_CAPTION_INSTRUCTION", "IGNORE_INDEX",

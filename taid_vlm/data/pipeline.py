@@ -58,7 +58,8 @@ from .global_order import Layout, block_permutation, shard_round_order
 from .render import IGNORE_INDEX, Renderer, check_spec, pad_token_id
 from .samples import decode_sample
 from .shards import ShardSpec, expand_shards
-from .skips import TAR_ERROR, TRUNCATED_TAR, UNALIGNED, SampleError, SkipCounter
+from .node_cache import FetchError, NodeCache
+from .skips import FETCH_ERROR, TAR_ERROR, TRUNCATED_TAR, UNALIGNED, SampleError, SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,17 @@ def _as_filler(prepared):
     return None, parts, (record.select(slice(0, 0)) if record is not None else None)
 
 
-def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[str, Any]]:
+def read_shard(path: str, skips: SkipCounter, start: int = 0, opener=gopen) -> Iterator[Dict[str, Any]]:
     """Raw samples of one shard (webdataset's tar iterator + group_by_keys); the first ``start`` are
-    skipped undecoded. Read errors are counted (truncated tar: samples before the cut survive)."""
+    skipped undecoded. Read errors are counted (truncated tar: samples before the cut survive).
+    ``opener``: path -> binary stream (``NodeCache.open`` fetches a remote shard once per node)."""
 
     seen = set()  # one truncated tar raises twice (member read, then the header walk): count it once
 
     def count(exn: BaseException) -> None:
         msg = str(exn).lower()
         reason = TRUNCATED_TAR if ("unexpected end" in msg or isinstance(exn, EOFError)) else TAR_ERROR
+        reason = FETCH_ERROR if isinstance(exn, FetchError) else reason
         if reason not in seen:
             skips.add(reason, path)
             seen.add(reason)
@@ -124,7 +127,7 @@ def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[s
 
     def files():
         try:
-            stream = gopen(path)
+            stream = opener(path)
         except Exception as e:  # unreadable / vanished shard: counted, the stream goes on
             count(e)
             return
@@ -145,14 +148,14 @@ def read_shard(path: str, skips: SkipCounter, start: int = 0) -> Iterator[Dict[s
 
 
 def read_shard_with_companion(path: str, companion_path: str, skips: SkipCounter, start: int = 0,
-                              field: str = "topk", skip_field: str = "skip") -> Iterator[Dict[str, Any]]:
+                              field: str = "topk", skip_field: str = "skip", opener=gopen) -> Iterator[Dict[str, Any]]:
     """``read_shard`` of the data shard, each raw sample carrying its companion record under
     ``COMPANION_FIELD`` (bytes) or the reason the companion writer skipped it under ``COMPANION_SKIP``.
     Both tars are walked from the start (raw samples are not decoded), so the pairing is by position
     and key whatever ``start`` is; the first ``start`` pairs are dropped."""
-    comp = read_shard(companion_path, skips)
+    comp = read_shard(companion_path, skips, opener=opener)
     c = next(comp, None)
-    for j, raw in enumerate(read_shard(path, skips)):
+    for j, raw in enumerate(read_shard(path, skips, opener=opener)):
         key = raw.get("__key__")
         if c is None:  # the companion ended early (truncated): the rest of this shard cannot be used
             if j >= start:
@@ -184,7 +187,8 @@ class SampleStream(IterableDataset):
                  batch_size: int, max_length: int, seed: int, rank: int, world_size: int,
                  caption_instruction: str, text_only: bool, pack: bool, shuffle_buffer: int,
                  pad_to_multiple_of: Optional[int] = None, companion: Any = None,
-                 companion_paths: Optional[Dict[str, str]] = None, grad_accum: int = 1):
+                 companion_paths: Optional[Dict[str, str]] = None, grad_accum: int = 1,
+                 shard_cache: Optional[NodeCache] = None):
         super().__init__()
         self.layout = Layout(batch_size, grad_accum, world_size)
         self.shards = shards
@@ -201,6 +205,7 @@ class SampleStream(IterableDataset):
         self.resume: Dict[Any, Any] = {}  # train: the global position; eval: per-worker positions
         self.companion = companion  # a teacher cache (taid_vlm.teacher_cache.TeacherCache) or None
         self.companion_paths = companion_paths or {}
+        self.open_shard = gopen if shard_cache is None else shard_cache.open  # remote: once per node
 
     # -- raw samples in order ----------------------------------------------------------------------
     def _shard_at(self, g: int, G: int, s: int) -> Optional[str]:
@@ -235,8 +240,8 @@ class SampleStream(IterableDataset):
 
     def _read(self, path: str, skips: SkipCounter, start: int):
         if self.companion is None:
-            return read_shard(path, skips, start=start)
-        return read_shard_with_companion(path, self.companion_paths[path], skips, start=start)
+            return read_shard(path, skips, start=start, opener=self.open_shard)
+        return read_shard_with_companion(path, self.companion_paths[path], skips, start=start, opener=self.open_shard)
 
     def _eval_samples(self, g: int, G: int, pos: dict, skips: SkipCounter):
         """Eval, in shard order: yield ``(raw, position_after)``; the position is ``{s, j}``."""
@@ -670,6 +675,7 @@ def build_loader(
     text_only: bool = False, pack: bool = False, shuffle_buffer: int = 1000,
     pad_to_multiple_of: Optional[int] = None, pin_memory: bool = False, prefetch_factor: Optional[int] = None,
     multiprocessing_context: Optional[str] = None, companion: Any = None, grad_accum: int = 1,
+    shard_cache: Optional[NodeCache] = None,
 ) -> Loader:
     """The one entry point: shards + per-model InputSpecs -> a resumable iterable of batches.
 
@@ -681,6 +687,9 @@ def build_loader(
     batches then carry ``"teacher_topk": {"ids" [K, k], "logprobs" [K, k], "log_tail" [K]}`` aligned
     with ``student.loss_targets`` (and no ``"teacher"`` entry). Every shard's companion is found and
     checked here, at startup.
+
+    ``shard_cache``: a NodeCache (node_cache.py) through which remote shards (``http(s)://``, ``pipe:`` ...)
+    are fetched once per node and read locally; without one, gopen streams them on every read.
 
     Train mode slices ONE global sample order (global_order.py): ``grad_accum`` and ``world_size`` say
     how, so that an optimizer step (``grad_accum`` micro-batches on every rank) sees the same samples
@@ -711,6 +720,7 @@ def build_loader(
                           max_length=max_length, seed=seed, rank=rank, world_size=world_size,
                           caption_instruction=caption_instruction, text_only=text_only, pack=pack,
                           shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of,
-                          companion=companion, companion_paths=companion_paths, grad_accum=grad_accum)
+                          companion=companion, companion_paths=companion_paths, grad_accum=grad_accum,
+                          shard_cache=shard_cache)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                   multiprocessing_context=multiprocessing_context)

@@ -2,8 +2,8 @@
 
 A spec is a brace pattern (``data/shard-{000000..000099}.tar``), a folder (all ``*.tar`` inside,
 recursively), a glob (``data/**/*.tar``), a comma-separated string of those, or a list of any of them.
-Remote URLs (``pipe:``, ``http(s)://``, ``s3://`` ...) are passed through unchecked: webdataset's gopen
-opens them. A local path that does not exist, or a spec that expands to nothing, is a clear error that
+Remote URLs (``pipe:``, ``http(s)://``, ``gs://`` ...) are passed through unchecked: the reader fetches
+them once per node into a local cache (node_cache.py). A local path that does not exist, or a spec that expands to nothing, is a clear error that
 names the path.
 """
 
@@ -21,14 +21,15 @@ ShardSpec = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 
 
-def _is_remote(s: str) -> bool:
+def is_remote(s: str) -> bool:
+    """A URL that webdataset's gopen opens (fetched through data/node_cache.py), not a local path."""
     return s.startswith(_REMOTE_PREFIXES)
 
 
 def _expand_one(item: str) -> List[str]:
     out: List[str] = []
     for s in braceexpand.braceexpand(item):
-        if _is_remote(s):
+        if is_remote(s):
             out.append(s)
         elif os.path.isdir(s):
             found = sorted(str(p) for p in Path(s).rglob("*.tar"))

@@ -22,6 +22,7 @@ TOO_LONG = "too_long"  # after truncation to max_length no supervised token is l
 UNALIGNED = "unaligned"  # teacher and student share no supervised token
 TRUNCATED_TAR = "truncated_tar"  # a shard ends mid-file (key: the shard path)
 TAR_ERROR = "tar_error"  # any other error while reading a shard (key: the shard path)
+FETCH_ERROR = "fetch_error"  # a remote shard not fetched after the retries (key: the URL; node_cache.py)
 
 MAX_EXAMPLES = 5
 

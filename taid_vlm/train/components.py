@@ -161,6 +161,15 @@ def shard_paths(cfg: RunConfig, spec):
     return cfg.resolve_path(spec)
 
 
+def node_cache(cfg: RunConfig):
+    """The node-local cache of remote shards (data.cache_dir, data.cache_max_gb, data.fetch_retries); it
+    touches the disk only when a shard is remote."""
+    from taid_vlm.data.node_cache import NodeCache, default_cache_dir
+
+    root = cfg.resolve_path(cfg.data.cache_dir) if cfg.data.cache_dir is not None else default_cache_dir()
+    return NodeCache(root, max_bytes=int(cfg.data.cache_max_gb * 2**30), retries=cfg.data.fetch_retries)
+
+
 def build_loaders(cfg: RunConfig, student, train_teacher, eval_teacher, rank: int, world: int, cache=None):
     """(train loader, a function that opens a fresh validation loader or None). The train batches carry
     the teacher's rendering only when the loss uses it; the validation batches whenever a teacher exists."""
@@ -171,7 +180,7 @@ def build_loaders(cfg: RunConfig, student, train_teacher, eval_teacher, rank: in
         batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length, num_workers=cfg.data.num_workers,
         seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
         caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache,
+        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache, shard_cache=node_cache(cfg),
     )
     spec_of = lambda m: m.input_spec if m is not None else None  # noqa: E731
     train = build_loader(shard_paths(cfg, cfg.data.train), student.input_spec, spec_of(train_teacher), mode="train",
