@@ -5,6 +5,7 @@ cached name."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import signal
@@ -62,11 +63,11 @@ def test_http_and_pipe_shards_are_fetched_once_then_read_locally(tmp_path, shard
 
 def _ask(root: str, url: str, barrier, out) -> None:
     barrier.wait()  # every process asks at the same moment
-    out.put(Path(NodeCache(root, 1 << 30).local_path(url)).read_bytes())
+    out.put(hashlib.sha256(Path(NodeCache(root, 1 << 30).local_path(url)).read_bytes()).hexdigest())
 
 
 def test_processes_asking_for_one_shard_at_once_share_one_fetch(tmp_path, shards):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     n = 4
     barrier, out = ctx.Barrier(n), ctx.Queue()
     with serving(tmp_path / "store") as server:
@@ -75,12 +76,12 @@ def test_processes_asking_for_one_shard_at_once_share_one_fetch(tmp_path, shards
         procs = [ctx.Process(target=_ask, args=(str(tmp_path / "cache"), url, barrier, out)) for _ in range(n)]
         for p in procs:
             p.start()
-        got = [out.get() for _ in range(n)]
         for p in procs:
             p.join()
         assert [p.exitcode for p in procs] == [0] * n
         assert server.gets("/shard-000002.tar") == 1  # the server log: one fetch for the node
-    assert got == [Path(shards[2]).read_bytes()] * n
+    got = [out.get() for _ in range(n)]
+    assert got == [hashlib.sha256(Path(shards[2]).read_bytes()).hexdigest()] * n
 
 
 def test_least_recently_used_files_not_in_use_are_evicted_beyond_the_size_limit(tmp_path, shards):
@@ -159,7 +160,7 @@ def test_a_fetcher_killed_mid_transfer_leaves_no_cached_file_and_the_next_one_fe
     with serving(tmp_path / "store") as server:
         server.chunk_bytes, server.chunk_delay_s = 256 << 10, 0.2  # ~2.4 s for the whole file
         url = f"{server.url}/big.tar"
-        proc = mp.get_context("spawn").Process(target=_fetch_forever, args=(str(root), url))
+        proc = mp.get_context("fork").Process(target=_fetch_forever, args=(str(root), url))
         proc.start()
         while not [p for p in root.glob(".*part*") if p.stat().st_size > 0]:
             assert proc.exitcode is None, "the fetch ended before it could be interrupted"
@@ -204,3 +205,22 @@ def test_the_loader_counts_an_unfetchable_shard_and_reads_the_others(tmp_path, s
         assert server.gets("/shard-000000.tar") == server.gets("/shard-000002.tar") == 1
     assert keys == [f"s{s}_{i:03d}" for s in (0, 2) for i in range(6)]
     assert loader.skips.as_dict() == {"fetch_error": 1}
+
+
+def test_the_cache_settings_come_from_the_config_and_remote_specs_stay_urls(tmp_path):
+    from taid_vlm.config import ConfigError, load_config
+    from taid_vlm.data import default_cache_dir
+    from taid_vlm.train.components import node_cache, shard_paths
+    from tests.train_helpers import CONFIGS
+
+    spec = "http://127.0.0.1:8000/shard-{000000..000003}.tar"
+    cfg = load_config(CONFIGS / "tiny_text.yaml", [f"data.train={spec}", "data.val=pipe:cat v.tar"])
+    assert shard_paths(cfg, cfg.data.train) == spec and shard_paths(cfg, cfg.data.val) == "pipe:cat v.tar"
+    assert node_cache(cfg) == NodeCache(default_cache_dir(), 64 << 30, retries=3)
+    cfg = load_config(CONFIGS / "tiny_text.yaml", ["data.cache_dir=shard_cache", "data.cache_max_gb=0.5",
+                                                   "data.fetch_retries=0"])
+    assert node_cache(cfg) == NodeCache(str(Path.cwd() / "shard_cache"), 1 << 29, retries=0)
+    with pytest.raises(ConfigError, match=r"data.cache_max_gb: must be > 0, got 0"):
+        load_config(CONFIGS / "tiny_text.yaml", ["data.cache_max_gb=0"])
+    with pytest.raises(ConfigError, match=r"data.fetch_retries: must be >= 0, got -1"):
+        load_config(CONFIGS / "tiny_text.yaml", ["data.fetch_retries=-1"])
