@@ -224,3 +224,18 @@ def test_the_cache_settings_come_from_the_config_and_remote_specs_stay_urls(tmp_
         load_config(CONFIGS / "tiny_text.yaml", ["data.cache_max_gb=0"])
     with pytest.raises(ConfigError, match=r"data.fetch_retries: must be >= 0, got -1"):
         load_config(CONFIGS / "tiny_text.yaml", ["data.fetch_retries=-1"])
+
+
+def test_a_train_stream_whose_shards_all_fail_to_fetch_stops_naming_them(tmp_path, tiny_tokenizer):
+    from data_helpers import student_spec, teacher_spec
+    from taid_vlm.data import NoUsableSampleError
+
+    cache = _cache(tmp_path / "cache", retries=0)
+    with serving(tmp_path) as server:
+        server.not_found.update({"/a.tar": 99, "/b.tar": 99})
+        loader = build_loader([f"{server.url}/a.tar", f"{server.url}/b.tar"], student_spec(tiny_tokenizer),
+                              teacher_spec(tiny_tokenizer), mode="train", batch_size=2, num_workers=0,
+                              shard_cache=cache)
+        with pytest.raises(NoUsableSampleError, match=r"fetch_error=4 \[http://127.0.0.1:\d+/[ab].tar, "):
+            next(iter(loader))
+        assert server.gets("/a.tar") == server.gets("/b.tar") == 1  # then the node's failure markers answer
