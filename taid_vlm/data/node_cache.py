@@ -118,7 +118,8 @@ class NodeCache:
         """The cached file, fetched if missing (the caller holds the URL's lock)."""
         path = self.entry(url)
         if path.exists():
-            os.utime(path)  # recently used
+            with contextlib.suppress(OSError):  # a cache folder shared read-only: no recency, still served
+                os.utime(path)  # recently used
             return path
         failed = self._aside(path, "failed")
         with contextlib.suppress(FileNotFoundError):
