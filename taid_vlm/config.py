@@ -176,6 +176,29 @@ class RunConfig:
         p = Path(str(path)).expanduser()
         return str(p if p.is_absolute() else (Path(self.config_dir) / p).resolve())
 
+    def shard_spec(self, key: str) -> list:
+        """``data.train`` / ``data.val`` as its items (paths, patterns, folders), each local one resolved: always
+        a list, so that a brace pattern's commas stay its own; ``data.shards.expand_shards`` turns it into the
+        shard list once per run (preflight.shard_lists)."""
+        items = shard_spec_items(getattr(self.data, key))
+        return [self.resolve_path(s) for s in (items if isinstance(items, list) else [items])]
+
+    def teacher_use(self) -> Optional[str]:
+        """What the run's teacher is for, the one statement of it: ``"loss"`` (a teacher model the loss reads),
+        ``"cache"`` (a teacher cache stands in for it; the model is never built), ``"evaluation"`` (an SFT loss
+        with ``teacher.model`` given: built only to evaluate against, so SFT curves compare with distillation's)
+        or None (no teacher)."""
+        from taid_vlm.losses import loss_needs_teacher
+
+        if loss_needs_teacher(self.loss.name):
+            if self.teacher.cache is not None:
+                return "cache"
+            return "loss" if self.teacher.model is not None else None
+        return "evaluation" if self.teacher.model is not None else None
+
+    def builds_teacher_model(self) -> bool:
+        return self.teacher_use() in ("loss", "evaluation")
+
 
 # ---- loading -----------------------------------------------------------------------------------
 
@@ -240,6 +263,14 @@ def _read_model(model, base: Path, where: str):
     return model
 
 
+def shard_spec_items(value):
+    """The shard-spec rule for the config's side: a list, or a comma-separated string (unless a brace
+    pattern's commas: ``shard-{a,b}.tar``) -> its items (a list); anything else is one item, kept."""
+    if isinstance(value, str) and "," in value and "{" not in value:
+        return [v.strip() for v in value.split(",")]
+    return value
+
+
 def _absolute(value, cwd: Path):
     """A path value (str, comma-separated str or list) made absolute against `cwd`; remote URLs kept."""
     def one(s: str) -> str:
@@ -249,13 +280,12 @@ def _absolute(value, cwd: Path):
         p = Path(s).expanduser()
         return str(p if p.is_absolute() else cwd / p)
 
-    if isinstance(value, list):
-        return [one(v) if isinstance(v, str) else v for v in value]
-    if isinstance(value, str):
-        if "," in value and "{" not in value:
-            return ",".join(one(v) for v in value.split(","))
-        return one(value)
-    return value
+    items = shard_spec_items(value)
+    if isinstance(value, str) and isinstance(items, list):  # kept a comma-separated string, as written
+        return ",".join(one(v) for v in items)
+    if isinstance(items, list):
+        return [one(v) if isinstance(v, str) else v for v in items]
+    return one(value) if isinstance(value, str) else value
 
 
 def apply_override(raw: dict, item: str, cwd: Optional[Path] = None) -> str:
@@ -422,8 +452,7 @@ def validate(cfg: RunConfig) -> None:
     if not isinstance(cfg.student.model, dict):
         raise ConfigError("student.model: expected a mapping or a path to a YAML file")
     _choice("loss.name", cfg.loss.name, LOSS_NAMES)
-    needs_teacher = loss_needs_teacher(cfg.loss.name)
-    if needs_teacher and cfg.teacher.model is None and cfg.teacher.cache is None:
+    if loss_needs_teacher(cfg.loss.name) and cfg.teacher_use() is None:
         raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}' (or teacher.cache: a top-k teacher cache)")
     if cfg.teacher.cache is not None and not (Path(cfg.resolve_path(cfg.teacher.cache)) / "manifest.json").is_file():
         raise ConfigError(f"teacher.cache: {cfg.resolve_path(cfg.teacher.cache)} has no manifest.json (not a teacher "

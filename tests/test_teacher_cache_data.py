@@ -16,7 +16,7 @@ from taid_vlm.config import ConfigError, load_config
 from taid_vlm.data import build_loader
 from taid_vlm.losses import build_loss
 from taid_vlm.teacher_cache import CacheMismatchError, TeacherCache, check_manifest, decode
-from taid_vlm.teacher_cache.writer import write_cache
+from taid_vlm.teacher_cache_writer import write_cache
 from taid_vlm.train.objective import hidden_at
 from taid_vlm.train.trainer import build_role_model, open_teacher_cache
 from train_helpers import CONFIGS

@@ -15,7 +15,7 @@ from taid_vlm.losses.teacher_source import CachedTopKTeacher
 from taid_vlm.teacher_cache import TeacherCache
 from taid_vlm.teacher_cache import format as fmt
 from taid_vlm.teacher_cache.source import cached_teacher
-from taid_vlm.teacher_cache.writer import write_cache
+from taid_vlm.teacher_cache_writer import write_cache
 from taid_vlm.train.objective import hidden_at
 from taid_vlm.train.trainer import build_role_model
 from test_teacher_cache_data import MAX_LEN, make_shards, run_config

@@ -123,7 +123,7 @@ class Trainer:
         uses_teacher = self.loss_fn.needs_teacher
         self.train_teacher = self.teacher if uses_teacher else None
         self.train_loader, self.make_val_loader = build_loaders(
-            cfg, self.student_model, self.teacher_model if uses_teacher else None, self.teacher_model,
+            cfg, self.shards, self.student_model, self.teacher_model if uses_teacher else None, self.teacher_model,
             self.rank, self.world, self.cache)
         self.train_iter = None
         # sampling.mode: micro-batches replaced by generated completions (train/sampling/); None when off
