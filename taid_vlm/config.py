@@ -34,11 +34,22 @@ class ConfigError(UserError, ValueError):
         ValueError.__init__(self, message)
 
 
+def one_of(*choices):
+    """A config field with its allowed values written here, once: the first is the default; validate()
+    checks every such field (one line naming the key and the choices)."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")   # train.report_to's names
+SAMPLING_MODES = ("off", "mixed", "adaptive", "on_policy")
+
+
 @dataclass
 class TeacherConfig:
     model: Optional[Union[dict, str]] = None   # model config (taid_vlm.models), or a path to its YAML
-    placement: str = "replicated"         # replicated: a frozen copy per device | zero3: sharded over ranks
-    dtype: Optional[str] = None           # override the model's dtype (default: bf16 on GPU with bf16 precision)
+    placement: str = one_of("replicated", "zero3")  # a frozen copy per device | sharded over ranks
+    dtype: Optional[str] = None           # override the model's dtype (default: bf16 on GPU with bf16 precision);
+                                          # its names: models/config_checks.py:resolve_dtype (checked by preflight)
     cache: Optional[str] = None           # a top-k teacher cache (data_tools.cache_teacher): no teacher model is built
 
 
@@ -49,7 +60,7 @@ class StudentConfig:
 
 @dataclass
 class SyntheticData:
-    kind: str = "shapes"                  # shapes | shapes_text
+    kind: str = one_of("shapes", "shapes_text")
     n: int = 512
     seed: int = 0
     size: int = 64
@@ -88,7 +99,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    schedule: str = "cosine"              # cosine | linear | constant
+    schedule: str = one_of("cosine", "linear", "constant")
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -96,7 +107,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    zero_stage: int = one_of(0, 1, 2, 3)
     offload_optimizer: bool = False
     offload_param: bool = False
     config_file: Optional[str] = None     # a DeepSpeed JSON; our settings fill in what it leaves out
@@ -108,7 +119,7 @@ class TrainConfig:
     total_steps: int = 100
     micro_batch_size: int = 4
     grad_accum: int = 1
-    precision: str = "fp32"               # fp32 | bf16
+    precision: str = one_of("fp32", "bf16")
     log_every: int = 1
     eval_every: int = 0                   # 0: only at the end
     eval_batches: int = 0                 # 0: the whole val set
@@ -127,7 +138,7 @@ class TrainConfig:
     param_growth_factor: float = 100.0    # never checkpoint parameters whose norm grew this much since the last
                                           # checkpoint / the start (0: off); non-finite parameters are never saved
     progress_bar: bool = True             # a bar on a terminal, else one line per logged step (false: lines always)
-    report_to: Union[list, str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow: a
+    report_to: Union[list, str] = field(default_factory=lambda: ["tensorboard"])  # names from TRACKERS: a
                                           # list or a comma-separated string; [] or none: no tracker (rank 0 logs)
     tensorboard: bool = True              # false leaves tensorboard out of report_to (the older switch)
     tracker_project: str = "taid-vlm"     # the W&B project / MLflow experiment (WANDB_PROJECT wins for W&B)
@@ -140,13 +151,13 @@ class SamplingConfig:
     """Student-generated sequences (taid_vlm/train/sampling/). Defaults: the official TAID code's
     sampler (replay buffer 1,000, mixed probability 0.5, adaptive threshold step 0.1, greedy, 512 new
     tokens) and TRL GKD's lmbda 0.5."""
-    mode: Union[str, bool] = "off"        # off | mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
+    mode: Union[str, bool] = one_of(*SAMPLING_MODES)  # mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
     lmbda: float = 0.5                    # on_policy: share of micro-batches the student generates
     seq_kd: bool = False                  # on_policy: the other micro-batches are teacher-generated
     mixed_alpha: float = 0.5              # mixed: share of micro-batches replaced from the replay buffer
     capacity: int = 1000                  # mixed, adaptive: replay buffer size (completions)
     threshold_step: float = 0.1           # adaptive: the threshold rises by this when the val loss rises
-    replay_ratio: str = "decreasing"      # adaptive: how the fresh-generation share moves: decreasing | constant | increasing
+    replay_ratio: str = one_of("decreasing", "constant", "increasing")  # adaptive: how the fresh-generation share moves
     max_new_tokens: int = 512
     do_sample: bool = False               # false: greedy (the official code); true: temperature / top_p sampling
     temperature: float = 1.0
@@ -439,6 +450,13 @@ def _choice(where: str, value, allowed) -> None:
         raise ConfigError(f"{where}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
+def _check_choices(section, where: str) -> None:
+    """Every ``one_of`` field of a config section holds one of its values."""
+    for f in dataclasses.fields(section):
+        if "choices" in f.metadata:
+            _choice(f"{where}.{f.name}", getattr(section, f.name), f.metadata["choices"])
+
+
 def _positive(where: str, value, allow_zero=False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -457,9 +475,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.teacher.cache is not None and not (Path(cfg.resolve_path(cfg.teacher.cache)) / "manifest.json").is_file():
         raise ConfigError(f"teacher.cache: {cfg.resolve_path(cfg.teacher.cache)} has no manifest.json (not a teacher "
                           "cache, or its writing did not finish); write one with python -m data_tools.cache_teacher")
-    _choice("teacher.placement", cfg.teacher.placement, ("replicated", "zero3"))
-    if cfg.teacher.dtype is not None:
-        _choice("teacher.dtype", cfg.teacher.dtype, ("float32", "bfloat16", "float16"))
+    _check_choices(cfg.teacher, "teacher")
     try:
         build_loss(cfg.loss.name, **cfg.loss.params, **({"ce_weight": cfg.loss.ce_weight} if cfg.loss.ce_weight else {}))
     except (TypeError, ValueError) as e:
@@ -477,7 +493,7 @@ def _validate_optim(o: OptimConfig) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {o.betas!r}")
-    _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _check_choices(o, "optim")
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
@@ -488,7 +504,7 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.total_steps", t.total_steps)
     _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.grad_accum", t.grad_accum)
-    _choice("train.precision", t.precision, ("fp32", "bf16"))
+    _check_choices(t, "train")
     _positive("train.log_every", t.log_every)
     for key in ("eval_every", "eval_batches", "save_every", "eval_generation", "eval_max_new_tokens"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
@@ -512,21 +528,21 @@ def _validate_report_to(report_to: Union[list, str]) -> list:
     if isinstance(report_to, str):
         report_to = [] if report_to.strip() in ("", "none") else [n.strip() for n in report_to.split(",")]
     for name in report_to:
-        _choice("train.report_to", name, ("tensorboard", "wandb", "mlflow"))
+        _choice("train.report_to", name, TRACKERS)
         if name != "tensorboard" and importlib.util.find_spec(name) is None:
             raise ConfigError(f"train.report_to: {name} is not installed (pip install {name}, or leave it out)")
     return report_to
 
 
 def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
-    _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    _check_choices(cfg.deepspeed, "deepspeed")
     if cfg.deepspeed.config_file is not None and not Path(cfg.resolve_path(cfg.deepspeed.config_file)).is_file():
         raise ConfigError(f"deepspeed.config_file: file not found: {cfg.resolve_path(cfg.deepspeed.config_file)}")
     d = cfg.data
     if d.train is None:
         raise ConfigError("data.train: required (shard pattern, folder, glob or list)")
     if d.synthetic is not None:
-        _choice("data.synthetic.kind", d.synthetic.kind, ("shapes", "shapes_text"))
+        _check_choices(d.synthetic, "data.synthetic")
         _positive("data.synthetic.n", d.synthetic.n)
         if d.synthetic_dir is None:
             raise ConfigError("data.synthetic_dir: required with data.synthetic (where to generate the shards)")
@@ -539,17 +555,13 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
         raise ConfigError("data.pack: packing needs data.text_only: true")
 
 
-SAMPLING_MODES = ("off", "mixed", "adaptive", "on_policy")
-
-
 def _validate_sampling(cfg: RunConfig) -> None:
     from taid_vlm.losses import loss_needs_teacher
 
     s = cfg.sampling
     if s.mode is False:  # YAML 1.1 reads an unquoted `off` as false
         s.mode = "off"
-    _choice("sampling.mode", s.mode, SAMPLING_MODES)
-    _choice("sampling.replay_ratio", s.replay_ratio, ("decreasing", "constant", "increasing"))
+    _check_choices(s, "sampling")
     for key in ("lmbda", "mixed_alpha", "threshold_step"):
         if not 0 <= getattr(s, key) <= 1:
             raise ConfigError(f"sampling.{key}: must be in [0, 1], got {getattr(s, key)}")

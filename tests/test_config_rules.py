@@ -146,3 +146,29 @@ def test_shard_specs_follow_one_rule_and_are_expanded_once(tmp_path):
     assert shard_lists(braces) == {"train": [f"{tmp_path}/a-0.tar", f"{tmp_path}/a-1.tar"], "val": [f"{tmp_path}/b-0.tar"]}
     with pytest.raises(ConfigError, match=f"^data.val: shard '{tmp_path}/c.tar' does not exist$"):
         shard_lists(load_config(TINY_TEXT, [f"data.val={tmp_path}/c.tar"]), ("val",))
+
+
+def test_allowed_values_are_written_once_beside_each_field():
+    """`one_of` fields: the dataclass holds the choices and the default, validate() reads them from there."""
+    import dataclasses
+
+    from taid_vlm.config import RunConfig, TeacherConfig
+
+    assert TeacherConfig().placement == "replicated"
+    assert dataclasses.fields(TeacherConfig)[1].metadata["choices"] == ("replicated", "zero3")
+    for override, message in (("optim.schedule=step", "optim.schedule: must be one of cosine, linear, constant, got 'step'"),
+                              ("data.synthetic.kind=dots", "data.synthetic.kind: must be one of shapes, shapes_text, got 'dots'"),
+                              ("sampling.replay_ratio=up", "sampling.replay_ratio: must be one of decreasing, constant, "
+                                                           "increasing, got 'up'")):
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            load_config(TINY_TEXT, [override])
+    assert RunConfig().sampling.mode == "off" and RunConfig().deepspeed.zero_stage == 0
+
+
+def test_teacher_dtype_names_are_the_model_dtype_names():
+    """One list of dtype names (models/config_checks.py:resolve_dtype): teacher.dtype takes the same ones."""
+    from taid_vlm.train.preflight import check_model_sections
+
+    check_model_sections(load_config(TINY_TEXT, ["teacher.dtype=bf16"]))
+    with pytest.raises(ConfigError, match=r"^teacher.dtype: unknown dtype 'half'; choose from \['bf16', 'bfloat16'"):
+        check_model_sections(load_config(TINY_TEXT, ["teacher.dtype=half"]))

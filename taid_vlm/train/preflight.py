@@ -3,6 +3,7 @@
 - model files: every key inside a Hugging Face config dict (`llm.config`, an hf_vlm `config`, their
   `text_config`/`vision_config`) must be one the HF config class knows: a typo (`hiden_size`) would
   otherwise be stored as a stray attribute and the model silently built at the default size;
+- the teacher's dtype name (teacher.dtype), from the one list of names (models/config_checks.py);
 - paths: every local path a model section names (`path`, `saved`, a tokenizer folder), the training
   AND validation shards, the teacher cache;
 - resume: the checkpoint's saved config against this one (model shapes, loss, batch layout): a change
@@ -95,6 +96,13 @@ def _local_paths(node: Any, where: str) -> Iterator[tuple[str, str]]:
 
 
 def check_model_sections(cfg: RunConfig) -> None:
+    from taid_vlm.models.config_checks import resolve_dtype  # the one list of dtype names
+
+    if cfg.teacher.dtype is not None:
+        try:
+            resolve_dtype(cfg.teacher.dtype, "teacher.dtype")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     roles = [("student", cfg.student.model)]
     if cfg.builds_teacher_model():  # for the loss, or only to evaluate an SFT run against: built either way
         roles.append(("teacher", cfg.teacher.model))
