@@ -319,8 +319,8 @@ class Trainer:
         if self.make_val_loader is None:
             return {}
         scorer = build_generation_scorer(self.cfg, self.student_model, self.engine, self.rank, self.world, self.device)
-        result = evaluate(self.engine.module, self.teacher, self.make_val_loader(), self.device, self.vocab_size,
-                          self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
+        result = evaluate(self.engine.module.student, self.teacher, self.make_val_loader(), self.device,
+                          self.vocab_size, self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
                           progress=f"eval step {self.step}" if self.rank == 0 else None, generation=scorer)
         self.metrics.write({"step": self.step, **result})
         if self.sampler is not None:
