@@ -184,7 +184,7 @@ def test_int8_hidden_cache_is_within_a_percent_of_online(caches, record_property
             h_t, h_s = hidden_at(teacher, b_on["teacher"]), hidden_at(student, b_on["student"])
         w_s = student.output_weight().detach()[:v].clone().requires_grad_()
         res = []
-        for kw in ({"teacher_hidden": h_t, "teacher_weight": teacher.output_weight().detach()[:v]},
+        for kw in ({"teacher": OnlineTeacher(h_t, teacher.output_weight().detach()[:v])},
                    {"teacher": cached_teacher(b_ca["teacher_topk"])}):
             value = build_loss("taid").fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)
             res.append((float(value.detach()), torch.autograd.grad(value, [w_s])[0]))
