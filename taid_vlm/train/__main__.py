@@ -7,6 +7,6 @@ import sys
 
 from taid_vlm.train.command import add_train_command, root_parser, run_parsed
 
-parser, commands = root_parser("taid_vlm.train")
+parser, commands = root_parser("taid-vlm")  # the same usage and error lines as `taid-vlm train`
 add_train_command(commands)
 sys.exit(run_parsed(parser, ["train", *sys.argv[1:]]))

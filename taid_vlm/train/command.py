@@ -10,14 +10,14 @@ import sys
 from typing import Optional
 
 from taid_vlm.errors import USER_ERROR_STATUS, UserError, error_line
-from taid_vlm.train.guard import DivergenceError
-from taid_vlm.train.launch_env import quiet_library_notices
-from taid_vlm.train.resume_config import run_config
-from taid_vlm.train.signals import TrainingStopped
-from taid_vlm.train.trainer import train
+
+# The trainer (torch, DeepSpeed) is imported when a command runs, not to parse one: `--help` stays instant.
 
 
 def train_command(args) -> int:
+    from taid_vlm.train.resume_config import run_config
+    from taid_vlm.train.trainer import train
+
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
@@ -69,6 +69,8 @@ def run_parsed(parser: argparse.ArgumentParser, argv: Optional[list]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + extra
+    from taid_vlm.train.launch_env import quiet_library_notices
+
     quiet_library_notices()
     return run_command(args)
 
@@ -98,9 +100,11 @@ def run_command(args) -> int:
 
 
 def _run_end(e: BaseException):
-    """A run that ended on purpose: a signal (saved; resume later) or the divergence guard."""
-    if isinstance(e, TrainingStopped):
+    """A run that ended on purpose: a signal (saved; resume later) or the divergence guard (neither can
+    have been raised when its module was never loaded)."""
+    signals, guard = sys.modules.get("taid_vlm.train.signals"), sys.modules.get("taid_vlm.train.guard")
+    if signals is not None and isinstance(e, signals.TrainingStopped):
         return f"taid-vlm: {e}", e.exit_code
-    if isinstance(e, DivergenceError):
+    if guard is not None and isinstance(e, guard.DivergenceError):
         return f"error: {e}", 1
     return None
