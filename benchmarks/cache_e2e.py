@@ -90,7 +90,8 @@ def held_out_metrics(student_dir: Path, bed: Bed) -> Dict[str, float]:
     from taid_vlm.config import load_config
     from taid_vlm.data import build_loader
     from taid_vlm.losses import OnlineTeacher
-    from taid_vlm.train.components import build_role_model, shard_paths
+    from taid_vlm.train.components import build_role_model
+    from taid_vlm.train.preflight import shard_lists
     from taid_vlm.train.evaluate import METRICS, metric_sums
     from taid_vlm.train.objective import hidden_at
     from taid_vlm.train.synthetic import ensure_synthetic_data
@@ -102,7 +103,7 @@ def held_out_metrics(student_dir: Path, bed: Bed) -> Dict[str, float]:
     student = build_role_model(causal_lm_spec(student_dir, bed.tokenizer), "student").eval()
     teacher = build_role_model(yaml.safe_load(bed.teacher.read_text()), "teacher").eval()
     v = len(student.tokenizer)
-    loader = build_loader(shard_paths(cfg, cfg.data.val), student.input_spec, teacher.input_spec, mode="eval",
+    loader = build_loader(shard_lists(cfg, ("val",))["val"], student.input_spec, teacher.input_spec, mode="eval",
                           batch_size=8, max_length=cfg.data.max_length, num_workers=0, text_only=True)
     sums, n = dict.fromkeys(METRICS, 0.0), 0
     with torch.no_grad():

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, resource, sys, time, torch
 from taid_vlm.config import load_config
-from taid_vlm.teacher_cache.writer import write_cache
+from taid_vlm.teacher_cache_writer import write_cache
 cfg = load_config(sys.argv[1])
 torch.manual_seed(0)
 start = time.time()

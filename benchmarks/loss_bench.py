@@ -48,7 +48,7 @@ def run_one(path: str, loss_name: str, n: int, h_s: int, h_t: int, vocab: int, d
             chunk_size=None):
     import torch
 
-    from taid_vlm.losses import build_loss
+    from taid_vlm.losses import OnlineTeacher, build_loss
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -66,7 +66,7 @@ def run_one(path: str, loss_name: str, n: int, h_s: int, h_t: int, vocab: int, d
         elif path == "full":
             value = loss(hs @ ws.T, ht @ wt.T, mask)
         else:
-            value = loss.fused(hs, ws, ht, wt, mask, chunk_size=chunk_size)
+            value = loss.fused(hs, ws, OnlineTeacher(ht, wt), mask, chunk_size=chunk_size)
         value.backward()
         return value
 

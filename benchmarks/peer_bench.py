@@ -149,6 +149,7 @@ def stage_prepare(work: Path, s: dict) -> dict:
 
     from taid_vlm.config import load_config
     from taid_vlm.models import build_model
+    from taid_vlm.train.preflight import shard_lists
     from taid_vlm.train.synthetic import ensure_synthetic_data
     from taid_vlm.train.trainer import build_loaders, build_models
 
@@ -165,7 +166,7 @@ def stage_prepare(work: Path, s: dict) -> dict:
         write_long_answer_shards(work / "text" / "train", s["samples"])
     ensure_synthetic_data(cfg, 0)
     teacher, student = build_models(cfg)
-    loader, _ = build_loaders(cfg, student, teacher, teacher, 0, 1)
+    loader, _ = build_loaders(cfg, shard_lists(cfg), student, teacher, teacher, 0, 1)
     batches, it = [], iter(loader)
     for _ in range(s["steps"]):
         b = next(it)

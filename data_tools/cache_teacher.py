@@ -51,7 +51,7 @@ def _main(argv: List[str]) -> int:
 
     quiet_library_notices()  # before DeepSpeed is imported
     from taid_vlm.config import load_config
-    from taid_vlm.teacher_cache.writer import write_cache
+    from taid_vlm.teacher_cache_writer import write_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(a.config, list(a.overrides))

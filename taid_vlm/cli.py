@@ -5,32 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional
 
-from taid_vlm.errors import USER_ERROR_STATUS, UserError, error_line
-
-
-def _train(args) -> int:
-    from taid_vlm.train import train
-    from taid_vlm.train.resume_config import run_config
-
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.max_steps is not None:
-        overrides.append(f"train.total_steps={args.max_steps}")
-    if args.save_every is not None:
-        overrides.append(f"train.save_every={args.save_every}")
-    if args.resume:
-        overrides.append("train.resume=true")
-    if args.overwrite:
-        overrides.append("train.overwrite=true")
-    # command-line paths resolve against the working directory; --resume: the run's saved config + these overrides
-    cfg = run_config(args.config, overrides)
-    train(cfg)
-    return 0
+from taid_vlm.train.command import add_train_command, root_parser, run_parsed
 
 
 def _export(args) -> int:
@@ -85,25 +63,8 @@ def _seeds(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="taid-vlm", description="Distil vision-language and language models with TAID.")
-    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="run a distillation from a YAML config",
-                       description="One process: taid-vlm train CONFIG. Many: deepspeed --num_gpus N --module taid_vlm.train CONFIG")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
-    t.add_argument("--output-dir")
-    t.add_argument("--max-steps", type=int, help="train.total_steps")
-    t.add_argument("--save-every", type=int, help="train.save_every")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    t.add_argument("--overwrite", action="store_true",
-                   help="start fresh in a folder of another run: deletes its checkpoints/, metrics.jsonl, config.yaml, "
-                        "tensorboard/ and trackers.json (nothing else: new tracker runs start)")
-    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
-    t.set_defaults(func=_train)
-
+    ap, sub = root_parser("taid-vlm")
+    add_train_command(sub)
     e = sub.add_parser("export", help="write the student of a checkpoint as a Hugging Face model folder")
     e.add_argument("checkpoint", help="a step folder, a checkpoints/ folder or a run's output dir (latest)")
     e.add_argument("out_dir", help="a new or empty folder (written beside it, then renamed into place)")
@@ -169,58 +130,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    # Overrides (key.sub=value) may stand anywhere after the config, between options too.
-    args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x]
-    if stray or (extra and args.command not in ("train", "compare")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
-    if args.command in ("train", "compare"):
-        args.overrides = list(args.overrides) + extra
-    from taid_vlm.train.launch_env import quiet_library_notices
-
-    quiet_library_notices()
-    return run_command(args)
-
-
-def run_command(args) -> int:
-    """One voice: user errors `error: <what> (<where>)` and exit 2; a stopped run its message and 128 + signal;
-    a diverged run its message and 1; tracebacks only for bugs (or with --debug)."""
-    try:
-        return args.func(args)
-    except UserError as e:  # ConfigError, run folder, resume mismatch, missing checkpoint, disk full
-        if args.debug:
-            raise
-        print(error_line(e), file=sys.stderr)
-        return USER_ERROR_STATUS
-    except KeyboardInterrupt:  # before training started (or demo/compare): nothing to save
-        if args.debug:
-            raise
-        print("taid-vlm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        stopped = _run_end(e)
-        if stopped is None or args.debug:
-            raise
-        message, code = stopped
-        print(message, file=sys.stderr)
-        return code
-
-
-def _run_end(e: BaseException):
-    """A run that ended on purpose: a signal (saved; resume later) or the divergence guard."""
-    if "taid_vlm.train" not in sys.modules:
-        return None
-    from taid_vlm.train.guard import DivergenceError
-    from taid_vlm.train.signals import TrainingStopped
-
-    if isinstance(e, TrainingStopped):
-        return f"taid-vlm: {e}", e.exit_code
-    if isinstance(e, DivergenceError):
-        return f"error: {e}", 1
-    return None
+    return run_parsed(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,22 @@ class ConfigError(UserError, ValueError):
         ValueError.__init__(self, message)
 
 
+def one_of(*choices):
+    """A config field with its allowed values written here, once: the first is the default; validate()
+    checks every such field (one line naming the key and the choices)."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")   # train.report_to's names
+SAMPLING_MODES = ("off", "mixed", "adaptive", "on_policy")
+
+
 @dataclass
 class TeacherConfig:
     model: Optional[Union[dict, str]] = None   # model config (taid_vlm.models), or a path to its YAML
-    placement: str = "replicated"         # replicated: a frozen copy per device | zero3: sharded over ranks
-    dtype: Optional[str] = None           # override the model's dtype (default: bf16 on GPU with bf16 precision)
+    placement: str = one_of("replicated", "zero3")  # a frozen copy per device | sharded over ranks
+    dtype: Optional[str] = None           # override the model's dtype (default: bf16 on GPU with bf16 precision);
+                                          # its names: models/config_checks.py:resolve_dtype (checked by preflight)
     cache: Optional[str] = None           # a top-k teacher cache (data_tools.cache_teacher): no teacher model is built
 
 
@@ -49,7 +60,7 @@ class StudentConfig:
 
 @dataclass
 class SyntheticData:
-    kind: str = "shapes"                  # shapes | shapes_text
+    kind: str = one_of("shapes", "shapes_text")
     n: int = 512
     seed: int = 0
     size: int = 64
@@ -93,7 +104,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    schedule: str = "cosine"              # cosine | linear | constant
+    schedule: str = one_of("cosine", "linear", "constant")
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -101,7 +112,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    zero_stage: int = one_of(0, 1, 2, 3)
     offload_optimizer: bool = False
     offload_param: bool = False
     config_file: Optional[str] = None     # a DeepSpeed JSON; our settings fill in what it leaves out
@@ -113,7 +124,7 @@ class TrainConfig:
     total_steps: int = 100
     micro_batch_size: int = 4
     grad_accum: int = 1
-    precision: str = "fp32"               # fp32 | bf16
+    precision: str = one_of("fp32", "bf16")
     log_every: int = 1
     eval_every: int = 0                   # 0: only at the end
     eval_batches: int = 0                 # 0: the whole val set
@@ -132,7 +143,7 @@ class TrainConfig:
     param_growth_factor: float = 100.0    # never checkpoint parameters whose norm grew this much since the last
                                           # checkpoint / the start (0: off); non-finite parameters are never saved
     progress_bar: bool = True             # a bar on a terminal, else one line per logged step (false: lines always)
-    report_to: Union[list, str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow: a
+    report_to: Union[list, str] = field(default_factory=lambda: ["tensorboard"])  # names from TRACKERS: a
                                           # list or a comma-separated string; [] or none: no tracker (rank 0 logs)
     tensorboard: bool = True              # false leaves tensorboard out of report_to (the older switch)
     tracker_project: str = "taid-vlm"     # the W&B project / MLflow experiment (WANDB_PROJECT wins for W&B)
@@ -145,13 +156,13 @@ class SamplingConfig:
     """Student-generated sequences (taid_vlm/train/sampling/). Defaults: the official TAID code's
     sampler (replay buffer 1,000, mixed probability 0.5, adaptive threshold step 0.1, greedy, 512 new
     tokens) and TRL GKD's lmbda 0.5."""
-    mode: Union[str, bool] = "off"        # off | mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
+    mode: Union[str, bool] = one_of(*SAMPLING_MODES)  # mixed (GKD) | adaptive (DistiLLM) | on_policy (TRL GKD lmbda)
     lmbda: float = 0.5                    # on_policy: share of micro-batches the student generates
     seq_kd: bool = False                  # on_policy: the other micro-batches are teacher-generated
     mixed_alpha: float = 0.5              # mixed: share of micro-batches replaced from the replay buffer
     capacity: int = 1000                  # mixed, adaptive: replay buffer size (completions)
     threshold_step: float = 0.1           # adaptive: the threshold rises by this when the val loss rises
-    replay_ratio: str = "decreasing"      # adaptive: how the fresh-generation share moves: decreasing | constant | increasing
+    replay_ratio: str = one_of("decreasing", "constant", "increasing")  # adaptive: how the fresh-generation share moves
     max_new_tokens: int = 512
     do_sample: bool = False               # false: greedy (the official code); true: temperature / top_p sampling
     temperature: float = 1.0
@@ -180,6 +191,29 @@ class RunConfig:
             return path
         p = Path(str(path)).expanduser()
         return str(p if p.is_absolute() else (Path(self.config_dir) / p).resolve())
+
+    def shard_spec(self, key: str) -> list:
+        """``data.train`` / ``data.val`` as its items (paths, patterns, folders), each local one resolved: always
+        a list, so that a brace pattern's commas stay its own; ``data.shards.expand_shards`` turns it into the
+        shard list once per run (preflight.shard_lists)."""
+        items = shard_spec_items(getattr(self.data, key))
+        return [self.resolve_path(s) for s in (items if isinstance(items, list) else [items])]
+
+    def teacher_use(self) -> Optional[str]:
+        """What the run's teacher is for, the one statement of it: ``"loss"`` (a teacher model the loss reads),
+        ``"cache"`` (a teacher cache stands in for it; the model is never built), ``"evaluation"`` (an SFT loss
+        with ``teacher.model`` given: built only to evaluate against, so SFT curves compare with distillation's)
+        or None (no teacher)."""
+        from taid_vlm.losses import loss_needs_teacher
+
+        if loss_needs_teacher(self.loss.name):
+            if self.teacher.cache is not None:
+                return "cache"
+            return "loss" if self.teacher.model is not None else None
+        return "evaluation" if self.teacher.model is not None else None
+
+    def builds_teacher_model(self) -> bool:
+        return self.teacher_use() in ("loss", "evaluation")
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -251,6 +285,14 @@ def is_url(value: str) -> bool:
     return "://" in value or value.startswith("pipe:")
 
 
+def shard_spec_items(value):
+    """The shard-spec rule for the config's side: a list, or a comma-separated string (unless a brace
+    pattern's commas: ``shard-{a,b}.tar``) -> its items (a list); anything else is one item, kept."""
+    if isinstance(value, str) and "," in value and "{" not in value:
+        return [v.strip() for v in value.split(",")]
+    return value
+
+
 def _absolute(value, cwd: Path):
     """A path value (str, comma-separated str or list) made absolute against `cwd`; remote URLs kept."""
     def one(s: str) -> str:
@@ -260,13 +302,12 @@ def _absolute(value, cwd: Path):
         p = Path(s).expanduser()
         return str(p if p.is_absolute() else cwd / p)
 
-    if isinstance(value, list):
-        return [one(v) if isinstance(v, str) else v for v in value]
-    if isinstance(value, str):
-        if "," in value and "{" not in value:
-            return ",".join(one(v) for v in value.split(","))
-        return one(value)
-    return value
+    items = shard_spec_items(value)
+    if isinstance(value, str) and isinstance(items, list):  # kept a comma-separated string, as written
+        return ",".join(one(v) for v in items)
+    if isinstance(items, list):
+        return [one(v) if isinstance(v, str) else v for v in items]
+    return one(value) if isinstance(value, str) else value
 
 
 def apply_override(raw: dict, item: str, cwd: Optional[Path] = None) -> str:
@@ -420,6 +461,13 @@ def _choice(where: str, value, allowed) -> None:
         raise ConfigError(f"{where}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
+def _check_choices(section, where: str) -> None:
+    """Every ``one_of`` field of a config section holds one of its values."""
+    for f in dataclasses.fields(section):
+        if "choices" in f.metadata:
+            _choice(f"{where}.{f.name}", getattr(section, f.name), f.metadata["choices"])
+
+
 def _positive(where: str, value, allow_zero=False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -433,15 +481,12 @@ def validate(cfg: RunConfig) -> None:
     if not isinstance(cfg.student.model, dict):
         raise ConfigError("student.model: expected a mapping or a path to a YAML file")
     _choice("loss.name", cfg.loss.name, LOSS_NAMES)
-    needs_teacher = loss_needs_teacher(cfg.loss.name)
-    if needs_teacher and cfg.teacher.model is None and cfg.teacher.cache is None:
+    if loss_needs_teacher(cfg.loss.name) and cfg.teacher_use() is None:
         raise ConfigError(f"teacher.model: required by loss '{cfg.loss.name}' (or teacher.cache: a top-k teacher cache)")
     if cfg.teacher.cache is not None and not (Path(cfg.resolve_path(cfg.teacher.cache)) / "manifest.json").is_file():
         raise ConfigError(f"teacher.cache: {cfg.resolve_path(cfg.teacher.cache)} has no manifest.json (not a teacher "
                           "cache, or its writing did not finish); write one with python -m data_tools.cache_teacher")
-    _choice("teacher.placement", cfg.teacher.placement, ("replicated", "zero3"))
-    if cfg.teacher.dtype is not None:
-        _choice("teacher.dtype", cfg.teacher.dtype, ("float32", "bfloat16", "float16"))
+    _check_choices(cfg.teacher, "teacher")
     try:
         build_loss(cfg.loss.name, **cfg.loss.params, **({"ce_weight": cfg.loss.ce_weight} if cfg.loss.ce_weight else {}))
     except (TypeError, ValueError) as e:
@@ -459,7 +504,7 @@ def _validate_optim(o: OptimConfig) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {o.betas!r}")
-    _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _check_choices(o, "optim")
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
@@ -470,7 +515,7 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.total_steps", t.total_steps)
     _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.grad_accum", t.grad_accum)
-    _choice("train.precision", t.precision, ("fp32", "bf16"))
+    _check_choices(t, "train")
     _positive("train.log_every", t.log_every)
     for key in ("eval_every", "eval_batches", "save_every", "eval_generation", "eval_max_new_tokens"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
@@ -494,21 +539,21 @@ def _validate_report_to(report_to: Union[list, str]) -> list:
     if isinstance(report_to, str):
         report_to = [] if report_to.strip() in ("", "none") else [n.strip() for n in report_to.split(",")]
     for name in report_to:
-        _choice("train.report_to", name, ("tensorboard", "wandb", "mlflow"))
+        _choice("train.report_to", name, TRACKERS)
         if name != "tensorboard" and importlib.util.find_spec(name) is None:
             raise ConfigError(f"train.report_to: {name} is not installed (pip install {name}, or leave it out)")
     return report_to
 
 
 def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
-    _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    _check_choices(cfg.deepspeed, "deepspeed")
     if cfg.deepspeed.config_file is not None and not Path(cfg.resolve_path(cfg.deepspeed.config_file)).is_file():
         raise ConfigError(f"deepspeed.config_file: file not found: {cfg.resolve_path(cfg.deepspeed.config_file)}")
     d = cfg.data
     if d.train is None:
         raise ConfigError("data.train: required (shard pattern, folder, glob or list)")
     if d.synthetic is not None:
-        _choice("data.synthetic.kind", d.synthetic.kind, ("shapes", "shapes_text"))
+        _check_choices(d.synthetic, "data.synthetic")
         _positive("data.synthetic.n", d.synthetic.n)
         if d.synthetic_dir is None:
             raise ConfigError("data.synthetic_dir: required with data.synthetic (where to generate the shards)")
@@ -523,17 +568,13 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
         raise ConfigError("data.pack: packing needs data.text_only: true")
 
 
-SAMPLING_MODES = ("off", "mixed", "adaptive", "on_policy")
-
-
 def _validate_sampling(cfg: RunConfig) -> None:
     from taid_vlm.losses import loss_needs_teacher
 
     s = cfg.sampling
     if s.mode is False:  # YAML 1.1 reads an unquoted `off` as false
         s.mode = "off"
-    _choice("sampling.mode", s.mode, SAMPLING_MODES)
-    _choice("sampling.replay_ratio", s.replay_ratio, ("decreasing", "constant", "increasing"))
+    _check_choices(s, "sampling")
     for key in ("lmbda", "mixed_alpha", "threshold_step"):
         if not 0 <= getattr(s, key) <= 1:
             raise ConfigError(f"sampling.{key}: must be in [0, 1], got {getattr(s, key)}")

@@ -21,6 +21,16 @@ def with_changes(cfg: dict, **changes) -> dict:
     return cfg
 
 
+def build_pair(teacher_cfg: dict, student_cfg: dict):
+    """Teacher and student (teacher first), checked for a shared vocabulary, as the tests build them."""
+    from taid_vlm.models import build_model, check_vocab_compatible
+
+    teacher = build_model(teacher_cfg, role="teacher", where="teacher")
+    student = build_model(student_cfg, role="student", where="student")
+    check_vocab_compatible(teacher, student)
+    return teacher, student
+
+
 def text_ids(tokenizer, text: str) -> list:
     return tokenizer.encode(text, add_special_tokens=False)
 

@@ -105,3 +105,70 @@ def test_one_voice_for_user_errors_and_debug_shows_the_traceback(tmp_path, capsy
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no complete checkpoint") and err.endswith(f"({tmp_path})") and "\n" not in err
+
+
+def test_an_sft_run_checks_the_paths_of_the_teacher_it_builds_for_evaluation(tmp_path):
+    """Loss `ce` with `teacher.model` given builds that teacher (to evaluate against), so preflight checks its
+    paths too: one line naming the key, before any model is built (it used to skip them: `!= "ce"`)."""
+    from taid_vlm.train.preflight import check_model_sections
+
+    missing = tmp_path / "no_teacher_tokenizer"
+    cfg = load_config(TINY_TEXT, ["loss.name=ce", f"teacher.model.tokenizer.path={missing}"])
+    assert cfg.teacher_use() == "evaluation" and cfg.builds_teacher_model()
+    with pytest.raises(ConfigError, match=f"^teacher.model.tokenizer.path: not found: {missing}$"):
+        check_model_sections(cfg)
+
+
+def test_what_the_teacher_is_for_is_said_once(tmp_path):
+    """RunConfig.teacher_use: the one home of 'does this run need a teacher, and which' (model building,
+    the cache, preflight and validation all ask it)."""
+    (tmp_path / "manifest.json").write_text("{}")
+    cases = {(): "loss", ("teacher.cache=" + str(tmp_path),): "cache", ("loss.name=ce",): "evaluation",
+             ("loss.name=ce", "teacher.model=null"): None, ("loss.name=ce", "teacher.cache=" + str(tmp_path)): "evaluation"}
+    for overrides, use in cases.items():
+        cfg = load_config(TINY_TEXT, list(overrides))
+        assert (cfg.teacher_use(), cfg.builds_teacher_model()) == (use, use in ("loss", "evaluation")), overrides
+    with pytest.raises(ConfigError, match="^teacher.model: required by loss 'taid'"):
+        load_config(TINY_TEXT, ["teacher.model=null"])
+
+
+def test_shard_specs_follow_one_rule_and_are_expanded_once(tmp_path):
+    """A comma-separated string and a list give the same shards; a brace pattern keeps its commas."""
+    from taid_vlm.train.preflight import shard_lists
+
+    for name in ("a-0.tar", "a-1.tar", "b-0.tar"):
+        (tmp_path / name).write_bytes(b"")
+    as_text = load_config(TINY_TEXT, [f"data.train={tmp_path}/a-0.tar,{tmp_path}/b-0.tar", "data.val=null"])
+    as_list = load_config(TINY_TEXT, [f"data.train=[{tmp_path}/a-0.tar, {tmp_path}/b-0.tar]", "data.val=null"])
+    braces = load_config(TINY_TEXT, [f"data.train={tmp_path}/a-{{0,1}}.tar", f"data.val={tmp_path}/b-0.tar"])
+    assert as_text.shard_spec("train") == as_list.shard_spec("train") == [f"{tmp_path}/a-0.tar", f"{tmp_path}/b-0.tar"]
+    assert shard_lists(as_text) == shard_lists(as_list) == {"train": [f"{tmp_path}/a-0.tar", f"{tmp_path}/b-0.tar"]}
+    assert shard_lists(braces) == {"train": [f"{tmp_path}/a-0.tar", f"{tmp_path}/a-1.tar"], "val": [f"{tmp_path}/b-0.tar"]}
+    with pytest.raises(ConfigError, match=f"^data.val: shard '{tmp_path}/c.tar' does not exist$"):
+        shard_lists(load_config(TINY_TEXT, [f"data.val={tmp_path}/c.tar"]), ("val",))
+
+
+def test_allowed_values_are_written_once_beside_each_field():
+    """`one_of` fields: the dataclass holds the choices and the default, validate() reads them from there."""
+    import dataclasses
+
+    from taid_vlm.config import RunConfig, TeacherConfig
+
+    assert TeacherConfig().placement == "replicated"
+    assert dataclasses.fields(TeacherConfig)[1].metadata["choices"] == ("replicated", "zero3")
+    for override, message in (("optim.schedule=step", "optim.schedule: must be one of cosine, linear, constant, got 'step'"),
+                              ("data.synthetic.kind=dots", "data.synthetic.kind: must be one of shapes, shapes_text, got 'dots'"),
+                              ("sampling.replay_ratio=up", "sampling.replay_ratio: must be one of decreasing, constant, "
+                                                           "increasing, got 'up'")):
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            load_config(TINY_TEXT, [override])
+    assert RunConfig().sampling.mode == "off" and RunConfig().deepspeed.zero_stage == 0
+
+
+def test_teacher_dtype_names_are_the_model_dtype_names():
+    """One list of dtype names (models/config_checks.py:resolve_dtype): teacher.dtype takes the same ones."""
+    from taid_vlm.train.preflight import check_model_sections
+
+    check_model_sections(load_config(TINY_TEXT, ["teacher.dtype=bf16"]))
+    with pytest.raises(ConfigError, match=r"^teacher.dtype: unknown dtype 'half'; choose from \['bf16', 'bfloat16'"):
+        check_model_sections(load_config(TINY_TEXT, ["teacher.dtype=half"]))

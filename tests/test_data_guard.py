@@ -9,7 +9,7 @@ import pytest
 
 from taid_vlm.config import DataConfig
 from taid_vlm.data.skips import SkipCounter
-from taid_vlm.train.data_guard import MIN_SAMPLES, UnusableDataError, check_training_data, data_problem
+from taid_vlm.train.data_guard import MIN_SAMPLES, UnusableDataError, check_training_data, data_counts, data_problem
 
 
 def loader(samples=0, skipped=None, supervised=0, dropped=0):
@@ -20,22 +20,23 @@ def loader(samples=0, skipped=None, supervised=0, dropped=0):
     return SimpleNamespace(stats=stats, skips=skips)
 
 
-def identity(values):
-    return values
+def check(rank_loader, sum_over_ranks=lambda values: values):
+    """As the trainer does: this rank's counts, summed over ranks (with the step's other sums), judged."""
+    check_training_data(sum_over_ranks(data_counts(rank_loader)), DataConfig(), rank_loader.skips.summary())
 
 
 def test_one_usable_sample_of_three_thousand_stops_the_run_with_the_skip_counts():
     with pytest.raises(UnusableDataError, match=r"2999 of the 3000 training samples read \(100.0 %\) were skipped, "
                                                 r"over data.max_skipped_fraction 0.5: skipped 2999 samples "
                                                 r"\(bad_json=2999 \[bad_json-0\]\).*\(data.train\)"):
-        check_training_data(loader(1, {"bad_json": 2999}, supervised=10), DataConfig(), identity)
+        check(loader(1, {"bad_json": 2999}, supervised=10))
 
 
 def test_skips_below_the_limit_or_too_few_samples_pass():
-    check_training_data(loader(60, {"corrupt_image": 40}, supervised=600), DataConfig(), identity)  # 40 %
-    check_training_data(loader(1, {"bad_json": MIN_SAMPLES - 2}), DataConfig(), identity)  # too few read to judge
+    check(loader(60, {"corrupt_image": 40}, supervised=600))  # 40 %
+    check(loader(1, {"bad_json": MIN_SAMPLES - 2}))  # too few read to judge
     with pytest.raises(UnusableDataError):
-        check_training_data(loader(1, {"bad_json": MIN_SAMPLES - 1}), DataConfig(), identity)
+        check(loader(1, {"bad_json": MIN_SAMPLES - 1}))
 
 
 def test_unaligned_tokens_over_the_limit_name_the_cause():
@@ -53,6 +54,10 @@ def test_counts_are_summed_over_ranks_before_judging():
         samples, skipped, supervised, dropped = values
         return [samples, 2 * skipped, supervised, dropped]
 
-    check_training_data(loader(40, {"too_long": 30}, supervised=400), DataConfig(), identity)
+    check(loader(40, {"too_long": 30}, supervised=400))
     with pytest.raises(UnusableDataError, match="60 of the 100 training samples"):
-        check_training_data(loader(40, {"too_long": 30}, supervised=400), DataConfig(), two_ranks)
+        check(loader(40, {"too_long": 30}, supervised=400), two_ranks)
+
+
+def test_data_counts_are_the_loaders_four_counters():
+    assert data_counts(loader(7, {"too_long": 2, "bad_json": 1}, supervised=50, dropped=3)) == [7.0, 3.0, 50.0, 3.0]

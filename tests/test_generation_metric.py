@@ -149,3 +149,8 @@ def test_scorer_scores_the_students_own_greedy_answer_as_a_match(student, caplog
     first.add(batch)
     first.add(batch)
     assert first.result() == {"eval_rougeL": 1.0, "eval_exact_match": 1.0, "eval_generated": 1}
+    # built once per run: each evaluation starts from zero and gives the same numbers again
+    scorer.start().add(batch)
+    assert scorer.result() == got
+    first.start().add(batch)
+    assert first.result() == {"eval_rougeL": 1.0, "eval_exact_match": 1.0, "eval_generated": 1}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from taid_vlm.data import Renderer, Sample, collate
+from taid_vlm.losses import OnlineTeacher
 from taid_vlm.models import build_model
 from taid_vlm.models.hf_families import FAMILIES
 from taid_vlm.models.hf_qwen_image_inputs import QwenImageInputs
@@ -135,7 +136,7 @@ def _grads(model, batch, loss_fn, teacher_hidden):
     h = model.hidden_states(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
     h = h.reshape(-1, h.shape[-1]).index_select(0, batch["loss_positions"])
     w = model.output_weight()
-    loss = loss_fn.fused(h, w, teacher_hidden, w.detach(), labels=batch["loss_targets"], chunk_size=3)
+    loss = loss_fn.fused(h, w, OnlineTeacher(teacher_hidden, w.detach()), labels=batch["loss_targets"], chunk_size=3)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from taid_vlm.data import build_loader
-from taid_vlm.losses import build_loss
-from taid_vlm.models import build_model, build_pair
+from taid_vlm.losses import OnlineTeacher, build_loss
+from taid_vlm.models import build_model
 
 from data_helpers import write_tar
 from hf_family_helpers import build_published_family_tokenizer, model_cfg, photo
-from models_helpers import one_torch_thread  # noqa: F401
+from models_helpers import build_pair, one_torch_thread  # noqa: F401
 
 ANSWERS = ["red circle on the left", "two blue squares", "a green star", "yes", "the yellow one is bigger"]
 
@@ -117,8 +117,9 @@ def test_the_student_learns_from_a_teacher_of_another_family(setup):
     for epoch in range(6):
         total = 0.0
         for b, h_t in zip(batches, teacher_hidden):
-            loss = loss_fn.fused(hidden(student, b["student"]), student.output_weight(), h_t,
-                                 teacher.output_weight(), labels=b["student"]["loss_targets"], chunk_size=16)
+            loss = loss_fn.fused(hidden(student, b["student"]), student.output_weight(),
+                                 OnlineTeacher(h_t, teacher.output_weight()), labels=b["student"]["loss_targets"],
+                                 chunk_size=16)
             opt.zero_grad()
             loss.backward()
             opt.step()

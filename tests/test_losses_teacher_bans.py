@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from taid_vlm.losses import LOSS_NAMES, build_loss
+from taid_vlm.losses import LOSS_NAMES, LogitsTeacher, build_loss
 from tests.loss_reference import masked_mean
 from tests.test_losses import make_batch, numeric_gradient
 
@@ -57,7 +57,7 @@ def test_chunked_path_equals_plain_path_and_reference(name, chunk_size):
     loss = build_loss(name, ce_weight=0.25)
     plain = loss(h @ w.T, t, m, labels)
     g_plain = torch.autograd.grad(plain, [h, w])
-    fused = loss.fused(h, w, mask=m, labels=labels, teacher_logits=t, chunk_size=chunk_size)
+    fused = loss.fused(h, w, LogitsTeacher(t), mask=m, labels=labels, chunk_size=chunk_size)
     g_fused = torch.autograd.grad(fused, [h, w])
     zs_used = (h @ w.T).detach().numpy()
     expected = masked_mean(name, zs_used, zt, y, mask) + 0.25 * masked_mean("ce", zs_used, zt, y, mask)
@@ -77,8 +77,8 @@ def test_rkl_closed_form_float32_with_bans_matches_float64():
     h32 = h64.detach().float().requires_grad_(True)
     w32 = w64.detach().float().requires_grad_(True)
     loss = build_loss("rkl")
-    ref = loss.fused(h64, w64, mask=torch.tensor(mask), teacher_logits=torch.tensor(zt), chunk_size=3)
-    out = loss.fused(h32, w32, mask=torch.tensor(mask), teacher_logits=torch.tensor(zt).float(), chunk_size=3)
+    ref = loss.fused(h64, w64, LogitsTeacher(torch.tensor(zt)), mask=torch.tensor(mask), chunk_size=3)
+    out = loss.fused(h32, w32, LogitsTeacher(torch.tensor(zt).float()), mask=torch.tensor(mask), chunk_size=3)
     g64, g32 = torch.autograd.grad(ref, [h64, w64]), torch.autograd.grad(out, [h32, w32])
     assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for a, b in zip(g32, g64):

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from taid_vlm.models import build_model, build_pair, check_vocab_compatible, load_model
+from taid_vlm.models import build_model, check_vocab_compatible, load_model
 
-from models_helpers import interleaved_batch, load_cfg, one_torch_thread, with_changes  # noqa: F401
+from models_helpers import build_pair, interleaved_batch, load_cfg, one_torch_thread, with_changes  # noqa: F401
 
 
 def _llm_with(cfg, **llm_changes):
@@ -84,9 +84,6 @@ def test_vocab_check_rejects_a_different_tokenizer_naming_both(tmp_path):
     assert "600 tokens, output embedding 600 rows" in msg
     assert "student tokenizer" in msg and "512 tokens, output embedding 512 rows" in msg
     assert "only in teacher: [" in msg
-    with pytest.raises(ValueError, match="not compatible"):
-        build_pair(with_changes(load_cfg("tiny_text_teacher"), tokenizer={"path": str(tmp_path / "tok600")}),
-                   load_cfg("tiny_text_student"))
 
 
 def test_vocab_check_rejects_same_size_but_shuffled_ids(tiny_tokenizer):

@@ -210,12 +210,14 @@ def test_the_loader_counts_an_unfetchable_shard_and_reads_the_others(tmp_path, s
 def test_the_cache_settings_come_from_the_config_and_remote_specs_stay_urls(tmp_path):
     from taid_vlm.config import ConfigError, load_config
     from taid_vlm.data import default_cache_dir
-    from taid_vlm.train.components import node_cache, shard_paths
+    from taid_vlm.train.components import node_cache
+    from taid_vlm.train.preflight import shard_lists
     from tests.train_helpers import CONFIGS
 
     spec = "http://127.0.0.1:8000/shard-{000000..000003}.tar"
     cfg = load_config(CONFIGS / "tiny_text.yaml", [f"data.train={spec}", "data.val=pipe:cat v.tar"])
-    assert shard_paths(cfg, cfg.data.train) == spec and shard_paths(cfg, cfg.data.val) == "pipe:cat v.tar"
+    assert cfg.shard_spec("train") == [spec] and cfg.shard_spec("val") == ["pipe:cat v.tar"]
+    assert shard_lists(cfg)["train"] == [spec.replace("{000000..000003}", f"{i:06d}") for i in range(4)]
     assert node_cache(cfg) == NodeCache(default_cache_dir(), 64 << 30, retries=3)
     cfg = load_config(CONFIGS / "tiny_text.yaml", ["data.cache_dir=shard_cache", "data.cache_max_gb=0.5",
                                                    "data.fetch_retries=0"])

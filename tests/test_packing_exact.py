@@ -13,7 +13,7 @@ import torch
 import taid_vlm.models.packing as packing
 from taid_vlm.config import ConfigError, load_config
 from taid_vlm.data import Rendered, collate, collate_packed
-from taid_vlm.losses import build_loss
+from taid_vlm.losses import OnlineTeacher, build_loss
 from taid_vlm.models import build_model
 from taid_vlm.train.objective import hidden_at
 from taid_vlm.train.trainer import build_models
@@ -86,7 +86,8 @@ def test_packed_hidden_states_loss_and_grads_equal_alone(model_type, attn):
         with torch.no_grad():
             h_t = torch.cat([hidden_at(teacher, x) for x in batches])
         targets = torch.cat([x["loss_targets"] for x in batches])
-        loss = loss_fn.fused(h_s, student.output_weight(), h_t, teacher.output_weight(), labels=targets, chunk_size=8)
+        loss = loss_fn.fused(h_s, student.output_weight(), OnlineTeacher(h_t, teacher.output_weight()), labels=targets,
+                             chunk_size=8)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 

@@ -7,11 +7,10 @@ import torch
 
 from taid_vlm.config import RunConfig, SamplingConfig
 from taid_vlm.data import build_loader
-from taid_vlm.models import build_pair
 from taid_vlm.train.sampling import StepSampler
 from taid_vlm.train.teacher import Teacher
 
-from models_helpers import one_torch_thread  # noqa: F401
+from models_helpers import build_pair, one_torch_thread  # noqa: F401
 from test_hf_families_pair import setup  # noqa: F401 (fixture)
 
 

@@ -1,5 +1,6 @@
-"""The package's shape, checked from its source with `ast`: short functions, dependencies one way, no
-import cycles, and the library never importing the data_tools scripts."""
+"""The package's shape, checked from its source with `ast`: short functions, each unit importing exactly
+what docs/architecture.md's layer table says, no import cycles (between modules or between units), and the
+library never importing the data_tools scripts."""
 
 from __future__ import annotations
 
@@ -84,16 +85,72 @@ def test_no_import_cycle_in_the_package():
     assert cycles(import_graph()) == []
 
 
-def test_the_package_never_imports_data_tools_and_layers_point_one_way():
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+TABLE_HEADER = "| unit | imports of the package (exactly these) |"
+
+
+def unit_of(module: str) -> str:
+    """``taid_vlm.train.trainer`` -> ``train``: a top-level package or module of taid_vlm."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def unit_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between units: which other units each one imports (the package root excluded)."""
+    out: dict[str, set[str]] = {unit_of(m): set() for m in graph if m != "taid_vlm"}
+    for module, targets in graph.items():
+        for target in targets:
+            if target.startswith("taid_vlm.") and unit_of(target) != unit_of(module) and module != "taid_vlm":
+                out[unit_of(module)].add(unit_of(target))
+    return out
+
+
+def doc_layers() -> dict[str, set[str]]:
+    """docs/architecture.md's layer table, the one statement of what each unit imports: unit -> its units."""
+    lines = DOC.read_text().splitlines()
+    start = lines.index(TABLE_HEADER) + 2
+    rows: dict[str, set[str]] = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        units, imports = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        names = [u.strip("`").removesuffix("/").removesuffix(".py") for u in units.split(", ")]
+        allowed = {u.strip("`").removesuffix("/").removesuffix(".py") for u in imports.split(", ") if u != "—"}
+        for name in names:
+            assert name not in rows, f"{name} has two rows in docs/architecture.md"
+            rows[name] = allowed
+    return rows
+
+
+def test_the_doc_table_reads_as_written():
+    rows = doc_layers()
+    assert rows["cli"] == {"experiments", "train"} and rows["losses"] == set()
+
+
+def test_every_unit_imports_exactly_its_row_of_the_doc_table():
+    actual, rows = unit_graph(import_graph()), doc_layers()
+    assert sorted(actual) == sorted(rows), "a unit of taid_vlm without a row (or a row without a unit)"
+    wrong = {u: {"imports but the row does not say": sorted(actual[u] - rows[u]),
+                 "the row says but it does not import": sorted(rows[u] - actual[u])}
+             for u in actual if actual[u] != rows[u]}
+    assert wrong == {}
+
+
+def test_no_two_way_tie_between_units():
+    """Not even through a third unit: the units form layers (train never imports cli, the cache writer sits
+    above the trainer whose pieces it reuses)."""
+    assert cycles(unit_graph(import_graph())) == []
+
+
+def test_a_tie_between_units_is_seen():
+    graph = {"taid_vlm.train.a": {"taid_vlm.cli"}, "taid_vlm.cli": {"taid_vlm.train.b"}, "taid_vlm.train.b": set()}
+    assert cycles(unit_graph(graph)) == [["cli", "train"]]
+
+
+def test_the_package_never_imports_data_tools():
     graph = import_graph()
     to_scripts = sorted((m, t) for m, ts in graph.items() for t in ts if t.split(".")[0] == "data_tools")
     assert to_scripts == []
-    forbidden = {"taid_vlm.losses": ("taid_vlm.train", "taid_vlm.data", "taid_vlm.models", "taid_vlm.teacher_cache"),
-                 "taid_vlm.data": ("taid_vlm.train", "taid_vlm.models", "taid_vlm.losses", "taid_vlm.teacher_cache"),
-                 "taid_vlm.models": ("taid_vlm.train", "taid_vlm.data", "taid_vlm.losses", "taid_vlm.teacher_cache")}
-    wrong = sorted((m, t) for m, ts in graph.items() for layer, bad in forbidden.items()
-                   if m == layer or m.startswith(layer + ".") for t in ts if t.startswith(bad))
-    assert wrong == []
 
 
 def test_every_function_is_short():

@@ -14,9 +14,9 @@ import torch
 from data_helpers import write_tar
 from taid_vlm.config import ConfigError, load_config
 from taid_vlm.data import build_loader
-from taid_vlm.losses import build_loss
+from taid_vlm.losses import CachedTopKTeacher, OnlineTeacher, build_loss
 from taid_vlm.teacher_cache import CacheMismatchError, TeacherCache, check_manifest, decode
-from taid_vlm.teacher_cache.writer import write_cache
+from taid_vlm.teacher_cache_writer import write_cache
 from taid_vlm.train.objective import hidden_at
 from taid_vlm.train.trainer import build_role_model, open_teacher_cache
 from train_helpers import CONFIGS
@@ -111,7 +111,8 @@ def _online_and_cached_losses(setup, cache, name="taid"):
         w_t = teacher.output_weight().detach()[:v]
         loss = build_loss(name)
         res = []
-        for kw in ({"teacher_hidden": h_t, "teacher_weight": w_t}, {"teacher_topk": b_ca["teacher_topk"]}):
+        for kw in ({"teacher": OnlineTeacher(h_t, w_t)},
+                   {"teacher": CachedTopKTeacher.from_batch(name, b_ca["teacher_topk"])}):
             h_s = h_s0.clone().requires_grad_()
             w_s = student.output_weight().detach()[:v].clone().requires_grad_()
             value = loss.fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)

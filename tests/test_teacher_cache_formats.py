@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from taid_vlm.losses import LOSS_NAMES, build_loss
+from taid_vlm.losses import LOSS_NAMES, OnlineTeacher, build_loss
 from taid_vlm.losses.teacher_source import CachedTopKTeacher
 from taid_vlm.teacher_cache import TeacherCache
 from taid_vlm.teacher_cache import format as fmt
 from taid_vlm.teacher_cache.source import cached_teacher
-from taid_vlm.teacher_cache.writer import write_cache
+from taid_vlm.teacher_cache_writer import write_cache
 from taid_vlm.train.objective import hidden_at
 from taid_vlm.train.trainer import build_role_model
 from test_teacher_cache_data import MAX_LEN, make_shards, run_config
@@ -45,7 +45,7 @@ def test_student_tail_chunked_equals_its_dense_formula(name):
     plain = loss(hs @ ws.T, dense, mask)
     g_plain = torch.autograd.grad(plain, [hs, ws])
     source = CachedTopKTeacher(topk["ids"], topk["logprobs"], topk["log_tail"], tail="student")
-    cached = loss.fused(hs, ws, mask=mask, chunk_size=3, teacher=source)
+    cached = loss.fused(hs, ws, source, mask=mask, chunk_size=3)
     torch.testing.assert_close(cached, plain, rtol=1e-12, atol=1e-14)
     for a, b in zip(torch.autograd.grad(cached, [hs, ws]), g_plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -61,10 +61,10 @@ def test_new_formats_at_full_fidelity_are_the_online_loss(name):
     float32 teacher's hidden states through the record format (float32) with its lm_head: bit for bit."""
     hs, ws, ht, wt, mask, labels = inputs(seed=12)
     loss = build_loss(name, **({"ce_weight": 0.3} if name != "ce" else {})).double()
-    online = loss.fused(hs, ws, ht, wt, mask, labels=labels, chunk_size=4)
+    online = loss.fused(hs, ws, OnlineTeacher(ht, wt), mask, labels=labels, chunk_size=4)
     topk = topk_of(ht @ wt.T, V)
     source = CachedTopKTeacher(topk["ids"], topk["logprobs"], topk["log_tail"], tail="student")
-    cached = loss.fused(hs, ws, mask=mask, labels=labels, chunk_size=4, teacher=source)
+    cached = loss.fused(hs, ws, source, mask=mask, labels=labels, chunk_size=4)
     torch.testing.assert_close(cached, online, rtol=1e-12, atol=1e-14)
     for a, b in zip(_grads(cached, [hs, ws]), _grads(online, [hs, ws])):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -73,8 +73,8 @@ def test_new_formats_at_full_fidelity_are_the_online_loss(name):
     loss = build_loss(name, **({"ce_weight": 0.3} if name != "ce" else {}))
     rec = fmt.decode(fmt.encode_hidden(np.zeros(N, np.int32), ht, "float32"))
     from_cache = cached_teacher({"hidden": fmt.hidden_tensor(rec.hidden, rec.dtype), "lm_head": _InMemoryLMHead(wt)})
-    online = loss.fused(hs, ws, ht, wt, mask, labels=labels, chunk_size=4)
-    cached = loss.fused(hs, ws, mask=mask, labels=labels, chunk_size=4, teacher=from_cache)
+    online = loss.fused(hs, ws, OnlineTeacher(ht, wt), mask, labels=labels, chunk_size=4)
+    cached = loss.fused(hs, ws, from_cache, mask=mask, labels=labels, chunk_size=4)
     assert torch.equal(cached, online)
     for a, b in zip(_grads(cached, [hs, ws]), _grads(online, [hs, ws])):
         assert torch.equal(a, b)
@@ -154,7 +154,7 @@ def test_hidden_cache_is_the_online_loss(caches):
         assert b_on["keys"] == b_ca["keys"]
         with torch.no_grad():
             h_t, h_s0 = hidden_at(teacher, b_on["teacher"]), hidden_at(student, b_on["student"])
-        sources = [{"teacher_hidden": h_t, "teacher_weight": teacher.output_weight().detach()[:v]},
+        sources = [{"teacher": OnlineTeacher(h_t, teacher.output_weight().detach()[:v])},
                    {"teacher": cached_teacher(b_ca["teacher_topk"])}]
         for name in ("taid", "rkl", "fkl"):
             results = []
@@ -184,7 +184,7 @@ def test_int8_hidden_cache_is_within_a_percent_of_online(caches, record_property
             h_t, h_s = hidden_at(teacher, b_on["teacher"]), hidden_at(student, b_on["student"])
         w_s = student.output_weight().detach()[:v].clone().requires_grad_()
         res = []
-        for kw in ({"teacher_hidden": h_t, "teacher_weight": teacher.output_weight().detach()[:v]},
+        for kw in ({"teacher": OnlineTeacher(h_t, teacher.output_weight().detach()[:v])},
                    {"teacher": cached_teacher(b_ca["teacher_topk"])}):
             value = build_loss("taid").fused(h_s, w_s, labels=b_on["student"]["loss_targets"], **kw)
             res.append((float(value.detach()), torch.autograd.grad(value, [w_s])[0]))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from taid_vlm.losses import LOSS_NAMES, build_loss
+from taid_vlm.losses import LOSS_NAMES, CachedTopKTeacher, LogitsTeacher, OnlineTeacher, build_loss
 from taid_vlm.losses.chunked import topk_log_probs_into
 
 from tests.loss_reference import N, V
@@ -36,9 +36,10 @@ def test_k_equals_vocab_is_the_online_loss(name, chunk_size):
     hs, ws, ht, wt, mask, labels = inputs(seed=len(name))
     loss = _loss(name)
     params = list(loss.parameters())
-    online = loss.fused(hs, ws, ht, wt, mask, labels=labels, chunk_size=chunk_size)
+    online = loss.fused(hs, ws, OnlineTeacher(ht, wt), mask, labels=labels, chunk_size=chunk_size)
     g_online = grads_of(online, [hs, ws, *params])
-    cached = loss.fused(hs, ws, mask=mask, labels=labels, chunk_size=chunk_size, teacher_topk=topk_of(ht @ wt.T, V))
+    cached = loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", topk_of(ht @ wt.T, V)), mask=mask, labels=labels,
+                        chunk_size=chunk_size)
     g_cached = grads_of(cached, [hs, ws, *params])
     torch.testing.assert_close(cached, online, rtol=1e-12, atol=1e-14)
     for a, b in zip(g_cached, g_online):
@@ -57,7 +58,7 @@ def test_k_below_vocab_is_the_tail_uniform_teacher(name, k):
     loss = _loss(name)
     plain = loss(hs @ ws.T, dense, mask, labels)
     g_plain = grads_of(plain, [hs, ws])
-    cached = loss.fused(hs, ws, mask=mask, labels=labels, chunk_size=5, teacher_topk=topk)
+    cached = loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", topk), mask=mask, labels=labels, chunk_size=5)
     torch.testing.assert_close(cached, plain, rtol=1e-12, atol=1e-14)
     for a, b in zip(grads_of(cached, [hs, ws]), g_plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -71,10 +72,10 @@ def test_float16_log_probs_and_int32_ids_at_k_equals_vocab():
     stored = {**topk, "logprobs": topk["logprobs"].half()}
     loss = build_loss("taid")
     rounded = torch.zeros(N, V).scatter_(1, topk["ids"].long(), stored["logprobs"].float())
-    ref = loss.fused(hs, ws, mask=mask, teacher_logits=rounded, chunk_size=4)
-    got = loss.fused(hs, ws, mask=mask, teacher_topk=stored, chunk_size=4)
+    ref = loss.fused(hs, ws, LogitsTeacher(rounded), mask=mask, chunk_size=4)
+    got = loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", stored), mask=mask, chunk_size=4)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    online = loss.fused(hs, ws, ht, wt, mask, chunk_size=4)
+    online = loss.fused(hs, ws, OnlineTeacher(ht, wt), mask, chunk_size=4)
     assert abs(float(got) - float(online)) < 1e-3 * float(online)
 
 
@@ -86,22 +87,20 @@ def test_banned_teacher_entries_and_empty_tail():
     topk = topk_of(t_logits, 4)
     assert torch.isneginf(topk["log_tail"]).all()
     loss = build_loss("taid").double()
-    torch.testing.assert_close(loss.fused(hs, ws, mask=mask, teacher_topk=topk, chunk_size=3),
-                               loss.fused(hs, ws, mask=mask, teacher_logits=t_logits, chunk_size=3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", topk), mask=mask, chunk_size=3),
+                               loss.fused(hs, ws, LogitsTeacher(t_logits), mask=mask, chunk_size=3), rtol=1e-12, atol=0)
 
 
 def test_topk_input_errors():
     hs, ws, ht, wt, mask, labels = inputs(seed=9)
     topk = topk_of(ht @ wt.T, 3)
     loss = build_loss("fkl")
-    with pytest.raises(ValueError, match="teacher_topk alone"):
-        loss.fused(hs, ws, ht, wt, mask, teacher_topk=topk)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        loss.fused(hs, ws[:10], mask=mask, teacher_topk=topk)
+        loss.fused(hs, ws[:10], CachedTopKTeacher.from_batch("topk", topk), mask=mask)
     with pytest.raises(ValueError, match=r"ids \[N, k\]"):
-        loss.fused(hs, ws, mask=mask, teacher_topk={**topk, "log_tail": topk["log_tail"][:3]})
+        loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", {**topk, "log_tail": topk["log_tail"][:3]}), mask=mask)
     with pytest.raises(ValueError, match="lacks"):
-        loss.fused(hs, ws, mask=mask, teacher_topk={"ids": topk["ids"]})
+        loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", {"ids": topk["ids"]}), mask=mask)
 
 
 def zipf_teacher(n, v, seed, temperature):
@@ -123,13 +122,13 @@ def test_k64_error_vs_online_is_reported(name, record_property):
     ws = (torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5).requires_grad_()
     t_logits = zipf_teacher(n, v, 1, temperature=0.5).double()
     loss = build_loss(name).double()
-    online = loss.fused(hs, ws, mask=None, teacher_logits=t_logits)
+    online = loss.fused(hs, ws, LogitsTeacher(t_logits), mask=None)
     g_on = grads_of(online, [hs, ws])
     errors = {}
     for k in (64, 256):
         topk = topk_of(t_logits, k)
         topk["logprobs"] = topk["logprobs"].half()
-        cached = loss.fused(hs, ws, mask=None, teacher_topk=topk)
+        cached = loss.fused(hs, ws, CachedTopKTeacher.from_batch("topk", topk), mask=None)
         g_ca = grads_of(cached, [hs, ws])
         rel = abs(float(cached) - float(online)) / float(online)
         grad_rel = max(float((a - b).norm() / b.norm()) for a, b in zip(g_ca, g_on))

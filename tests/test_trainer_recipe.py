@@ -45,7 +45,10 @@ def config(data, out, *overrides):
 
 
 @pytest.mark.slow
-def test_recipe_steps_save_and_resume_in_process(small_text, tmp_path, one_process_group):
+def test_recipe_steps_save_and_resume_in_process(small_text, tmp_path, one_process_group, monkeypatch):
+    from taid_vlm.train import trainer as trainer_module
+    from taid_vlm.train.data_guard import data_counts
+
     run = Trainer(config(small_text, tmp_path / "run")).setup().resume()
     assert run.step == 0 and run.train_teacher is run.teacher is not None
     before = run.evaluate()
@@ -57,7 +60,12 @@ def test_recipe_steps_save_and_resume_in_process(small_text, tmp_path, one_proce
     run.save()
     assert (tmp_path / "run" / "checkpoints" / "step00000002" / "COMPLETE").is_file()
     state_at_2 = run.loss_fn.schedule_state()
+    sums = []  # the step's sums over ranks: the data guard's four counters ride on the one for the token counts
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", lambda v, d: sums.append(list(v)) or list(v))
     third = run.train_step()
+    assert [len(v) for v in sums if len(v) > 1] == [6] and sums[-1][2:] == data_counts(run.train_loader)
+    assert run.data_totals == data_counts(run.train_loader) and run.data_totals[0] >= 12  # 3 steps x 4 samples
+    monkeypatch.undo()
 
     again = Trainer(config(small_text, tmp_path / "run", "train.resume=true")).setup().resume()
     assert again.step == 2 and again.loss_fn.schedule_state() == state_at_2

@@ -100,11 +100,9 @@ def heldout_metrics(student_dir: Path, teacher_dir: Path, val: Path) -> dict:
     student = load_model(student_dir, role="teacher")
     teacher_model = load_model(teacher_dir, role="teacher")
     teacher = Teacher(teacher_model, "replicated", torch.device("cpu"), torch.float32)
-    holder = torch.nn.Module()
-    holder.student = student
     batches = build_loader(str(val), student.input_spec, teacher_model.input_spec, mode="eval", batch_size=16,
                            max_length=256, num_workers=0)
-    return evaluate(holder, teacher, batches, torch.device("cpu"), len(student.tokenizer))
+    return evaluate(student, teacher, batches, torch.device("cpu"), len(student.tokenizer))
 
 
 def _quiet_libraries() -> None:

@@ -9,6 +9,7 @@ metrics) with the same command is reused instead of retrained, unless `fresh`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -240,7 +241,7 @@ def count_parameters(model_dir_or_cfg) -> dict[str, int]:
 
     from taid_vlm.models import build_model, load_model
 
-    with torch.device("meta") if isinstance(model_dir_or_cfg, dict) else _nullcontext():
+    with torch.device("meta") if isinstance(model_dir_or_cfg, dict) else contextlib.nullcontext():
         if isinstance(model_dir_or_cfg, dict):
             model = build_model(model_dir_or_cfg, role="student")
         elif not (Path(model_dir_or_cfg) / "taid_model.json").is_file():  # a text-only export: a plain HF causal LM
@@ -258,14 +259,6 @@ def count_parameters(model_dir_or_cfg) -> dict[str, int]:
         counts[part] = counts.get(part, 0) + p.numel()
         counts["total"] += p.numel()
     return counts
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def overrides_text(overrides: Sequence[str]) -> str:

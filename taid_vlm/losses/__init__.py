@@ -6,10 +6,9 @@
     loss_fn.t                                      # TAID's interpolation coefficient (None for others)
     loss_fn.update(step_loss, step, total_steps)   # once per optimizer step, with the globally averaged loss
     loss_fn.state_dict(); loss_fn.load_state_dict(sd)  # parameters + "_extra_state": {t, momentum, prev_loss}
-    value = loss_fn.fused(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
-                          labels=None, chunk_size=None)   # same value & gradients, chunked over tokens
-    value = loss_fn.fused(student_hidden, student_weight, mask=mask, teacher=OnlineTeacher(h_t, w_t))  # or
-                          # LogitsTeacher(logits) / CachedTopKTeacher(ids, logprobs, log_tail): teacher_source.py
+    value = loss_fn.fused(student_hidden, student_weight, OnlineTeacher(h_t, w_t), mask,
+                          labels=None, chunk_size=None)   # same value & gradients, chunked over tokens; the teacher
+                          # also LogitsTeacher(logits) / CachedTopKTeacher(ids, logprobs, log_tail): teacher_source.py
     loss_fn.needs_teacher; loss_needs_teacher("ce")  # False for SFT
 
 Every loss reports the divergence itself (0 when student == teacher; `ce` is the exception), as the

@@ -1,9 +1,9 @@
 """The interface every distillation loss implements, and the masked-mean plumbing they share.
 
-A loss is an nn.Module (CTKD has a learnable temperature) with one subclass hook, `per_token`, that
+A loss is an nn.Module (CTKD has a learnable temperature) with one subclass hook, `divergence`, that
 maps student and teacher logits of the supervised tokens to one divergence per token. Everything else
-(validation, masking, the optional cross-entropy mix, the chunked lm_head path, schedule state) lives
-here once.
+(`per_token`: the compute dtype and the optional cross-entropy mix; validation, masking, the chunked
+lm_head path, schedule state) lives here once.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from . import divergences
 from .chunked import chunked_lm_head_loss
 from .inputs import check_mask_and_labels
-from .teacher_source import TeacherSource, teacher_source
+from .teacher_source import TeacherSource
 
 
 class DistillationLoss(nn.Module):
@@ -75,28 +75,21 @@ class DistillationLoss(nn.Module):
         self,
         student_hidden: torch.Tensor,
         student_weight: torch.Tensor,
-        teacher_hidden: Optional[torch.Tensor] = None,
-        teacher_weight: Optional[torch.Tensor] = None,
+        teacher: Optional[TeacherSource] = None,
         mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         chunk_size: Optional[int] = None,
-        teacher_logits: Optional[torch.Tensor] = None,
-        teacher_topk: Optional[Any] = None,
-        teacher: Optional[TeacherSource] = None,
         denominator: Optional[float] = None,
     ) -> torch.Tensor:
-        """Same value and gradients as ``self(h_s @ W_s.T, h_t @ W_t.T, mask, labels)``, computed over
-        chunks of tokens so the [N, V] logits never exist at once (chunked.py). The teacher side is a
-        ``teacher`` TeacherSource (teacher_source.py), or given as hidden states and weight, as
-        ``teacher_logits``, or as a cached top-k ``teacher_topk``
-        (``{"ids": [N, k], "logprobs": [N, k], "log_tail": [N]}``). ``denominator``: divide the sum over
-        tokens by this instead of their number (a global token count, for a loss that is a mean over more
-        tokens than this call sees)."""
-        if self.needs_teacher:
-            given = teacher_source(self.name, teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
-            if given is not None and teacher is not None:
-                raise ValueError(f"{self.name}: give teacher (a TeacherSource) or the teacher_* tensors, not both")
-            teacher = teacher if teacher is not None else given
+        """Same value and gradients as ``self(h_s @ W_s.T, teacher logits, mask, labels)``, computed over
+        chunks of tokens so the [N, V] logits never exist at once (chunked.py). ``teacher``: where the teacher
+        rows come from, a TeacherSource (teacher_source.py: ``OnlineTeacher(h_t, W_t)``, ``LogitsTeacher``,
+        ``CachedTopKTeacher``); None for a loss that does not use a teacher. ``denominator``: divide the sum
+        over tokens by this instead of their number (a global token count, for a loss that is a mean over
+        more tokens than this call sees)."""
+        if teacher is not None and not isinstance(teacher, TeacherSource):
+            raise TypeError(f"{self.name}: teacher must be a TeacherSource (OnlineTeacher(h_t, W_t), LogitsTeacher, "
+                            f"CachedTopKTeacher), got {type(teacher).__name__}")
         return chunked_lm_head_loss(self, student_hidden, student_weight, teacher, mask, labels, chunk_size, denominator)
 
     # ---- optional fast path --------------------------------------------------------------------

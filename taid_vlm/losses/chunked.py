@@ -172,7 +172,8 @@ def chunked_lm_head_loss(
     if not loss_fn.needs_teacher:
         teacher = None
     elif teacher is None:
-        raise ValueError(f"{name}: needs teacher_hidden and teacher_weight (or teacher_logits)")
+        raise ValueError(f"{name}: needs a teacher (a TeacherSource: OnlineTeacher(h_t, W_t), LogitsTeacher or "
+                         "CachedTopKTeacher)")
     else:
         teacher.check(name, n, v)
     if denominator is not None and not float(denominator) > 0:

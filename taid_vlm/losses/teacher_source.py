@@ -188,29 +188,6 @@ class CachedTopKTeacher(TeacherSource):
             )
 
 
-def teacher_source(
-    name: str,
-    teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
-    teacher_logits: Optional[torch.Tensor] = None,
-    teacher_topk: Any = None,
-) -> Optional[TeacherSource]:
-    """The one source the keyword arguments of ``DistillationLoss.fused`` describe (None: none given)."""
-    if teacher_topk is not None:
-        if teacher_logits is not None or teacher_hidden is not None or teacher_weight is not None:
-            raise ValueError(f"{name}: give teacher_topk alone, not with teacher_logits or teacher_hidden/weight")
-        return CachedTopKTeacher.from_batch(name, teacher_topk)
-    if teacher_logits is not None:
-        if teacher_hidden is not None or teacher_weight is not None:
-            raise ValueError(f"{name}: give teacher_logits or teacher_hidden + teacher_weight, not both")
-        return LogitsTeacher(teacher_logits)
-    if teacher_hidden is None and teacher_weight is None:
-        return None
-    if teacher_hidden is None or teacher_weight is None:
-        raise ValueError(f"{name}: needs teacher_hidden and teacher_weight (or teacher_logits)")
-    return OnlineTeacher(teacher_hidden, teacher_weight)
-
-
-__all__ = ["TeacherSource", "OnlineTeacher", "LogitsTeacher", "CachedTopKTeacher", "teacher_source",
+__all__ = ["TeacherSource", "OnlineTeacher", "LogitsTeacher", "CachedTopKTeacher",
            "matmul_into", "topk_log_probs_into",
            "student_tail_log_probs_into", "TAILS"]

@@ -58,19 +58,18 @@ Config (``type`` selects the model; unknown keys or values are a ValueError nami
 """
 
 from .base import DistillableModel
-from .builder import MODEL_TYPES, build_model, build_pair
+from .builder import MODEL_TYPES, build_model
 from .io import load_model, save_model
-from .projectors import projector_names, register_projector
+from .projectors import PROJECTORS, projector_names
 from .vocab_check import check_vocab_compatible
 
 __all__ = [
     "DistillableModel",
     "MODEL_TYPES",
+    "PROJECTORS",
     "build_model",
-    "build_pair",
     "check_vocab_compatible",
     "load_model",
     "projector_names",
-    "register_projector",
     "save_model",
 ]

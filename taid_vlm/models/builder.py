@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping
 
 from .base import ROLES, DistillableModel
 from .config_checks import check_keys, choose, dtype_name, resolve_dtype
 
-MODEL_TYPES = ("composed", "hf_vlm", "causal_lm")
 _COMPOSED_KEYS = ("type", "dtype", "tokenizer", "image_token", "vision", "projector", "llm", "freeze", "lora")
 _CAUSAL_KEYS = ("type", "dtype", "tokenizer", "llm", "freeze", "lora")
 
@@ -19,18 +18,11 @@ def build_model(cfg: Mapping[str, Any], role: str = "student", where: str = "mod
         raise ValueError(f"{where}: expected a mapping, got {type(cfg).__name__}")
     choose(role, ROLES, "role", "role")
     cfg = copy.deepcopy(dict(cfg))
-    kind = choose(cfg.get("type"), MODEL_TYPES, f"{where}.type", "model type")
+    kind = choose(cfg.get("type"), _BUILDERS, f"{where}.type", "model type")
     dtype = resolve_dtype(cfg.get("dtype", "float32"), f"{where}.dtype")
     cfg["dtype"] = dtype_name(dtype)
 
-    if kind == "composed":
-        model = _build_composed(cfg, dtype, where)
-    elif kind == "causal_lm":
-        model = _build_causal_lm(cfg, dtype, where)
-    else:
-        from .hf_vlm_adapter import HFVisionLanguageModel
-
-        model = HFVisionLanguageModel.from_config(cfg, dtype, where)
+    model = _BUILDERS[kind](cfg, dtype, where)
     model.freeze(cfg.get("freeze") or [], f"{where}.freeze")
     model.set_role(role)
     if cfg.get("lora") is not None:
@@ -39,16 +31,6 @@ def build_model(cfg: Mapping[str, Any], role: str = "student", where: str = "mod
         apply_lora(model, cfg["lora"], f"{where}.lora")
     model.eval()  # deterministic until the trainer calls .train() (a teacher ignores it)
     return model
-
-
-def build_pair(teacher_cfg: Mapping, student_cfg: Mapping) -> Tuple[DistillableModel, DistillableModel]:
-    """Teacher and student, checked for a shared vocabulary before anything else runs."""
-    from .vocab_check import check_vocab_compatible
-
-    teacher = build_model(teacher_cfg, role="teacher", where="teacher")
-    student = build_model(student_cfg, role="student", where="student")
-    check_vocab_compatible(teacher, student)
-    return teacher, student
 
 
 def _build_composed(cfg: dict, dtype, where: str) -> DistillableModel:
@@ -81,3 +63,15 @@ def _build_causal_lm(cfg: dict, dtype, where: str) -> DistillableModel:
     tokenizer = load_tokenizer_checked(cfg["tokenizer"], f"{where}.tokenizer")
     llm = build_language_model(cfg["llm"], tokenizer, dtype, f"{where}.llm")
     return CausalLM(llm, tokenizer, cfg)
+
+
+def _build_hf_vlm(cfg: dict, dtype, where: str) -> DistillableModel:
+    from .hf_vlm_adapter import HFVisionLanguageModel
+
+    return HFVisionLanguageModel.from_config(cfg, dtype, where)
+
+
+# config name (model.type) -> the function that builds it; a native Hugging Face VLM family is an entry of
+# hf_families.FAMILIES under hf_vlm, not a type here
+_BUILDERS = {"composed": _build_composed, "hf_vlm": _build_hf_vlm, "causal_lm": _build_causal_lm}
+MODEL_TYPES = tuple(_BUILDERS)

@@ -1,10 +1,10 @@
 """Native Hugging Face VLMs (``*ForConditionalGeneration``) behind the common interface.
 
 The HF model does its own vision -> projector -> splice; the adapter supplies the input spec and the
-final hidden states. Two kinds:
+final hidden states. Two kinds, one class each below HFVisionLanguageModel (what they share):
 
-- ``llava``: a fixed-size tower; the spec is an image transform + ``tokens_per_image``;
-- the dynamic-resolution families of ``hf_families.FAMILIES`` (Qwen2/2.5/3-VL, InternVL,
+- ``llava`` (FixedSizeVLM): a fixed-size tower; the spec is an image transform + ``tokens_per_image``;
+- the dynamic-resolution families of ``hf_families.FAMILIES`` (DynamicResolutionVLM) (Qwen2/2.5/3-VL, InternVL,
   LLaVA-NeXT/OneVision, Idefics3/SmolVLM, Gemma 3, Mistral 3): the spec carries the family's own HF
   processor (``ProcessorImageInputs``; for Qwen its exact fast path ``QwenImageInputs``), which decides
   per image the token span and pixel inputs; ``pixel_values``
@@ -51,33 +51,21 @@ _TOKENS_PER_IMAGE = {"llava": llava_tokens_per_image}
 
 
 class HFVisionLanguageModel(DistillableModel):
+    """What both kinds share: the stock HF model (``self.hf``), its tokenizer and processor, the build
+    from a config (which picks the kind by the model type), the output head and the export of weights."""
     kind = "hf_vlm"
+    family = None  # the hf_families.FAMILIES entry of a dynamic-resolution model
 
-    def __init__(self, hf_model, tokenizer, processor, image_token: str, tokens_per_image: int, config: dict):
-        fam = FAMILIES.get(hf_model.config.model_type)
-        if fam is None:  # fixed size (llava)
-            spec = InputSpec(tokenizer=tokenizer, image_transform=HFImageTransform(processor),
-                             tokens_per_image=tokens_per_image, image_token_id=int(hf_model.config.image_token_id),
-                             image_token=image_token)
-        else:
-            spec = InputSpec(tokenizer=tokenizer, image_token=image_token,
-                             image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
-                             chat_template=getattr(processor, "chat_template", None),
-                             image_processor=image_inputs_for(processor, fam.image_prompt, fam.batched_keys),
-                             image_prompt=fam.image_prompt.format(image=image_token))
+    def __init__(self, hf_model, tokenizer, processor, spec: InputSpec, config: dict):
         super().__init__(tokenizer, spec, config)
-        self.family = fam
         self.hf = hf_model
         self.processor = processor
         self.image_token_id = int(hf_model.config.image_token_id)
-        self.tokens_per_image = tokens_per_image
         self.run_vision_without_images: Optional[bool] = None  # see ComposedVLM: ZeRO-3 needs the same modules
         self._accepts = set(inspect.signature(hf_model.base_model.forward).parameters)
 
     @classmethod
     def from_config(cls, cfg: dict, dtype: torch.dtype, where: str = "model") -> "HFVisionLanguageModel":
-        from transformers import AutoModelForImageTextToText
-
         cfg = check_keys(cfg, KEYS, where)
         if (cfg.get("path") is None) == (cfg.get("config") is None):
             raise ValueError(f"{where}: set exactly one of 'path' (local folder) or 'config' (a config dict)")
@@ -91,7 +79,48 @@ class HFVisionLanguageModel(DistillableModel):
         model_type, fam = _model_type(cfg, path, where)  # the folder first: what else it must hold depends on it
         tokenizer = load_tokenizer_checked(tok_cfg, f"{where}.tokenizer")
         if fam is not None:
-            return cls._dynamic(cfg, path, model_type, fam, tokenizer, dtype, attn, where)
+            return DynamicResolutionVLM.build(cfg, path, model_type, fam, tokenizer, dtype, attn, where)
+        return FixedSizeVLM.build(cfg, path, model_type, tokenizer, dtype, attn, where)
+
+    def _vision_without_images(self) -> bool:
+        return bool(self.run_vision_without_images or
+                    (self.run_vision_without_images is None and distributed_world() > 1))
+
+    def output_embeddings(self) -> nn.Module:
+        return self.hf.get_output_embeddings()
+
+    def hf_config_beside_tokenizer(self):
+        return self.hf.config
+
+    def _export_paths(self) -> dict:
+        cfg = dict(self.model_config)
+        cfg.pop("config", None)
+        cfg.update(path="hf_model", tokenizer={"path": "hf_model"})
+        return cfg
+
+    def write_weights(self, directory: Path, state_dict: Optional[dict]) -> None:
+        hf_state = None
+        if state_dict is not None:
+            hf_state = {k[len("hf."):]: v for k, v in state_dict.items() if k.startswith("hf.")}
+        self.hf.save_pretrained(str(directory / "hf_model"), state_dict=hf_state)
+        self.tokenizer.save_pretrained(str(directory / "hf_model"))
+        self.processor.save_pretrained(str(directory / "hf_model"))
+
+
+class FixedSizeVLM(HFVisionLanguageModel):
+    """``llava``: a fixed-size tower; the spec is an image transform + ``tokens_per_image``."""
+
+    def __init__(self, hf_model, tokenizer, processor, image_token: str, tokens_per_image: int, config: dict):
+        spec = InputSpec(tokenizer=tokenizer, image_transform=HFImageTransform(processor),
+                         tokens_per_image=tokens_per_image, image_token_id=int(hf_model.config.image_token_id),
+                         image_token=image_token)
+        super().__init__(hf_model, tokenizer, processor, spec, config)
+        self.tokens_per_image = tokens_per_image
+
+    @classmethod
+    def build(cls, cfg, path, model_type, tokenizer, dtype, attn, where) -> "FixedSizeVLM":
+        from transformers import AutoModelForImageTextToText
+
         image_token = cfg.get("image_token") or "<image>"
         tok_image_id = lookup_image_token_id(tokenizer, image_token, f"{where}.image_token")
 
@@ -118,8 +147,59 @@ class HFVisionLanguageModel(DistillableModel):
                                           vc.model_type, vc.image_size, f"{where}.image_processor")
         return cls(hf, tokenizer, processor, image_token, int(tpi), cfg)
 
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None):
+        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        check_image_count(input_ids, self.image_token_id, self.tokens_per_image, n_images)
+        if n_images:
+            pixel_values = pixel_values.to(self.hf.dtype)
+        else:
+            pixel_values = None
+        out = self.hf.base_model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+        if pixel_values is None and self._vision_without_images():
+            size = self.hf.config.vision_config.image_size
+            blank = torch.zeros(1, 3, size, size, device=out.device, dtype=self.hf.dtype)
+            out = out + 0.0 * _total(self.hf.base_model.get_image_features(pixel_values=blank)).to(out.dtype)
+        return out
+
+    def generate_tokens(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        images = {"pixel_values": pixel_values.to(self.hf.dtype)} if pixel_values is not None else {}
+        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **images, **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
+
+    def components(self) -> Dict[str, Iterable[nn.Parameter]]:
+        base = self.hf.base_model
+        head = list(self.hf.get_output_embeddings().parameters())
+        groups = {}
+        for name, attr in (("vision", "vision_tower"), ("projector", "multi_modal_projector")):
+            module = getattr(base, attr, None)
+            if module is not None:
+                groups[name] = list(module.parameters())
+        lm = getattr(base, "language_model", None)
+        if lm is not None:
+            groups["llm"] = list(lm.parameters()) + head
+        return groups
+
+    def export_config(self) -> dict:
+        return {**self._export_paths(), "image_processor": processor_dict(self.processor),
+                "tokens_per_image": self.tokens_per_image}
+
+
+class DynamicResolutionVLM(HFVisionLanguageModel):
+    """A family of ``hf_families.FAMILIES``: the spec carries the family's own HF processor, which decides
+    per image the token span and pixel inputs; ``pixel_values`` arrives as the dict of those inputs."""
+
+    def __init__(self, hf_model, tokenizer, processor, image_token: str, fam, config: dict):
+        spec = InputSpec(tokenizer=tokenizer, image_token=image_token,
+                         image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
+                         chat_template=getattr(processor, "chat_template", None),
+                         image_processor=image_inputs_for(processor, fam.image_prompt, fam.batched_keys),
+                         image_prompt=fam.image_prompt.format(image=image_token))
+        super().__init__(hf_model, tokenizer, processor, spec, config)
+        self.family = fam
+
     @classmethod
-    def _dynamic(cls, cfg, path, model_type, fam, tokenizer, dtype, attn, where):
+    def build(cls, cfg, path, model_type, fam, tokenizer, dtype, attn, where) -> "DynamicResolutionVLM":
         """A dynamic-resolution family: the model, and its processor from a folder or built for its config."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -159,45 +239,10 @@ class HFVisionLanguageModel(DistillableModel):
                 raise ValueError(f"{where}.image_processor: cannot build the {model_type} processor: {e}") from None
         image_token = cfg.get("image_token") or processor.image_token
         lookup_image_token_id(tokenizer, image_token, f"{where}.image_token")
-        return cls(hf, tokenizer, processor, image_token, 0, cfg)
+        return cls(hf, tokenizer, processor, image_token, fam, cfg)
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, position_ids=None):
-        if self.family is not None:
-            return self._dynamic_hidden_states(input_ids, attention_mask, pixel_values, position_ids)
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-        check_image_count(input_ids, self.image_token_id, self.tokens_per_image, n_images)
-        if n_images:
-            pixel_values = pixel_values.to(self.hf.dtype)
-        else:
-            pixel_values = None
-        out = self.hf.base_model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state
-        if pixel_values is None and self._vision_without_images():
-            size = self.hf.config.vision_config.image_size
-            blank = torch.zeros(1, 3, size, size, device=out.device, dtype=self.hf.dtype)
-            out = out + 0.0 * _total(self.hf.base_model.get_image_features(pixel_values=blank)).to(out.dtype)
-        return out
-
-    def _vision_without_images(self) -> bool:
-        return bool(self.run_vision_without_images or
-                    (self.run_vision_without_images is None and distributed_world() > 1))
-
-    def model_image_inputs(self, image_inputs: Mapping, input_ids: torch.Tensor) -> dict:
-        """Batch dict of processor tensors -> the keyword arguments of the HF model's forward."""
-        kwargs = {}
-        for key, value in image_inputs.items():
-            if key not in self._accepts:
-                continue  # e.g. num_patches, which the processor uses for the spans only
-            if value.is_floating_point():
-                value = value.to(self.hf.dtype)  # DeepSpeed does not cast inputs
-            if key in self.family.batched_keys:
-                value = value.unsqueeze(0)
-            kwargs[key] = value
-        if self.family.type_ids and self.family.type_ids in self._accepts:
-            kwargs[self.family.type_ids] = (input_ids == self.image_token_id).long()
-        return kwargs
-
-    def _dynamic_hidden_states(self, input_ids, attention_mask, image_inputs, position_ids):
+        image_inputs = pixel_values  # the dict of the processor's tensors
         if image_inputs is not None and not isinstance(image_inputs, Mapping):
             raise ValueError(f"{self.hf.config.model_type}: pixel_values must be the dict of the processor's "
                              f"tensors (taid_vlm.data collate), got {type(image_inputs).__name__}")
@@ -218,30 +263,29 @@ class HFVisionLanguageModel(DistillableModel):
             out = out + 0.0 * _total(feats).to(out.dtype)
         return out
 
-    def output_embeddings(self) -> nn.Module:
-        return self.hf.get_output_embeddings()
+    def model_image_inputs(self, image_inputs: Mapping, input_ids: torch.Tensor) -> dict:
+        """Batch dict of processor tensors -> the keyword arguments of the HF model's forward."""
+        kwargs = {}
+        for key, value in image_inputs.items():
+            if key not in self._accepts:
+                continue  # e.g. num_patches, which the processor uses for the spans only
+            if value.is_floating_point():
+                value = value.to(self.hf.dtype)  # DeepSpeed does not cast inputs
+            if key in self.family.batched_keys:
+                value = value.unsqueeze(0)
+            kwargs[key] = value
+        if self.family.type_ids and self.family.type_ids in self._accepts:
+            kwargs[self.family.type_ids] = (input_ids == self.image_token_id).long()
+        return kwargs
 
     def generate_tokens(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
-        if self.family is not None:  # dynamic resolution: the processor's tensors, as forward takes them
-            images = self.model_image_inputs(pixel_values or {}, input_ids)
-        else:
-            images = {"pixel_values": pixel_values.to(self.hf.dtype)} if pixel_values is not None else {}
+        images = self.model_image_inputs(pixel_values or {}, input_ids)  # the processor's tensors, as forward
         out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **images, **generate_kwargs)
         return out[:, input_ids.shape[1]:]
 
     def components(self) -> Dict[str, Iterable[nn.Parameter]]:
         base = self.hf.base_model
         head = list(self.hf.get_output_embeddings().parameters())
-        if self.family is None:
-            groups = {}
-            for name, attr in (("vision", "vision_tower"), ("projector", "multi_modal_projector")):
-                module = getattr(base, attr, None)
-                if module is not None:
-                    groups[name] = list(module.parameters())
-            lm = getattr(base, "language_model", None)
-            if lm is not None:
-                groups["llm"] = list(lm.parameters()) + head
-            return groups
         # dynamic families: by parameter name (Qwen's projector, the merger, lives inside ``visual``)
         groups = {"vision": [], "projector": [], "llm": []}
         vision, projector = self.family.vision + ".", tuple(p + "." for p in self.family.projector)
@@ -258,27 +302,10 @@ class HFVisionLanguageModel(DistillableModel):
         groups["llm"] += head
         return groups
 
-    def hf_config_beside_tokenizer(self):
-        return self.hf.config
-
     def export_config(self) -> dict:
-        cfg = dict(self.model_config)
-        cfg.pop("config", None)
-        if self.family is not None:
-            cfg.pop("image_processor", None)
-            cfg.update(path="hf_model", tokenizer={"path": "hf_model"}, processor=None)
-            return cfg
-        cfg.update(path="hf_model", tokenizer={"path": "hf_model"}, image_processor=processor_dict(self.processor),
-                   tokens_per_image=self.tokens_per_image)
-        return cfg
-
-    def write_weights(self, directory: Path, state_dict: Optional[dict]) -> None:
-        hf_state = None
-        if state_dict is not None:
-            hf_state = {k[len("hf."):]: v for k, v in state_dict.items() if k.startswith("hf.")}
-        self.hf.save_pretrained(str(directory / "hf_model"), state_dict=hf_state)
-        self.tokenizer.save_pretrained(str(directory / "hf_model"))
-        self.processor.save_pretrained(str(directory / "hf_model"))
+        cfg = self._export_paths()
+        cfg.pop("image_processor", None)
+        return {**cfg, "processor": None}
 
 
 def _total(features) -> torch.Tensor:

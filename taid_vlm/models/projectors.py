@@ -1,7 +1,7 @@
 """Projectors from vision tokens ``[B, N, D]`` to LM embeddings ``[B, K, H]``, chosen by name.
 
-A new projector is one function decorated with ``@register_projector("name")`` that returns a module
-with ``num_output_tokens(n_in) -> int``.
+A new projector is one function that returns a module with ``num_output_tokens(n_in) -> int``, and its
+line in ``PROJECTORS`` (the name a config's ``projector.type`` gives) at the end of this file.
 """
 
 from __future__ import annotations
@@ -15,34 +15,23 @@ from torch import nn
 from .config_checks import check_keys, choose
 
 ProjectorFactory = Callable[..., nn.Module]
-_REGISTRY: Dict[str, ProjectorFactory] = {}
-
-
-def register_projector(name: str):
-    def deco(fn: ProjectorFactory) -> ProjectorFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"projector {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
 
 
 def projector_names() -> list:
-    return sorted(_REGISTRY)
+    return sorted(PROJECTORS)
 
 
 def build_projector(cfg, vision_dim: int, llm_dim: int, grid: Optional[Tuple[int, int]], num_tokens: int,
                     where: str = "model.projector") -> nn.Module:
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: expected a mapping like {{type: mlp2x_gelu}}, got {cfg!r}")
-    kind = choose(cfg.get("type"), _REGISTRY, f"{where}.type", "projector")
+    kind = choose(cfg.get("type"), PROJECTORS, f"{where}.type", "projector")
     options = {k: v for k, v in cfg.items() if k != "type"}
     for reserved in ("vision_dim", "llm_dim", "grid", "num_tokens", "where"):
         if reserved in options:
             raise ValueError(f"{where}.{reserved}: set by the builder, not by config")
-    return _REGISTRY[kind](vision_dim=vision_dim, llm_dim=llm_dim, grid=grid, num_tokens=num_tokens,
-                           where=where, **options)
+    return PROJECTORS[kind](vision_dim=vision_dim, llm_dim=llm_dim, grid=grid, num_tokens=num_tokens,
+                            where=where, **options)
 
 
 class TokenwiseProjector(nn.Module):
@@ -59,13 +48,11 @@ class TokenwiseProjector(nn.Module):
         return self.net(x)
 
 
-@register_projector("linear")
 def _linear(vision_dim, llm_dim, grid, num_tokens, where, **options):
     check_keys(options, [], where)
     return TokenwiseProjector(nn.Linear(vision_dim, llm_dim))
 
 
-@register_projector("mlp2x_gelu")
 def _mlp2x_gelu(vision_dim, llm_dim, grid, num_tokens, where, **options):
     check_keys(options, [], where)  # LLaVA-1.5's projector
     return TokenwiseProjector(nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)))
@@ -117,7 +104,6 @@ class PixelShuffleMLP(nn.Module):
         return self.mlp(pixel_shuffle(x, self.grid, self.factor))
 
 
-@register_projector("pixel_shuffle_mlp")
 def _pixel_shuffle_mlp(vision_dim, llm_dim, grid, num_tokens, where, factor: int = 2, **options):
     check_keys(options, [], where)
     if not isinstance(factor, int) or factor < 1:
@@ -126,3 +112,11 @@ def _pixel_shuffle_mlp(vision_dim, llm_dim, grid, num_tokens, where, factor: int
         raise ValueError(f"{where}.type: pixel_shuffle_mlp needs vision tokens on a grid without a CLS token "
                          f"(got {num_tokens} tokens, grid {grid}); set drop_cls: true on the vision encoder")
     return PixelShuffleMLP(vision_dim, llm_dim, grid, factor)
+
+
+# config name (projector.type) -> the function that builds it
+PROJECTORS: Dict[str, ProjectorFactory] = {
+    "linear": _linear,
+    "mlp2x_gelu": _mlp2x_gelu,
+    "pixel_shuffle_mlp": _pixel_shuffle_mlp,
+}

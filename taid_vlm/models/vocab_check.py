@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from .tokenization_check import check_same_tokenization
+from .tokenization_check import check_same_tokenization, describe_tokenizer
 
 
 def _describe(role: str, model) -> str:
-    tok = model.tokenizer
-    name = getattr(tok, "name_or_path", "") or "<in-memory>"
-    return (f"{role} tokenizer {type(tok).__name__}({name!r}) with {len(tok)} tokens, "
+    return (f"{role} tokenizer {describe_tokenizer(model.tokenizer)} with {len(model.tokenizer)} tokens, "
             f"output embedding {model.vocab_size} rows")
 
 

@@ -77,8 +77,8 @@ interpolates in logit space with them: p_t = softmax((1 - t) * stopgrad(z_S) + t
 
 from .format import HiddenRecord, TopKRecord, bytes_per_token, decode, encode, encode_hidden
 from .manifest import CacheMismatchError, check_manifest, read_manifest, vocab_hash
-from .reader import TeacherCache, open_teacher_cache
+from .reader import TeacherCache
 
-__all__ = ["TeacherCache", "open_teacher_cache", "TopKRecord", "HiddenRecord", "encode", "encode_hidden", "decode",
+__all__ = ["TeacherCache", "TopKRecord", "HiddenRecord", "encode", "encode_hidden", "decode",
            "bytes_per_token",
            "CacheMismatchError", "check_manifest", "read_manifest", "vocab_hash"]

@@ -25,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional
 
 FORMAT = "taid-vlm-teacher-topk"
 VERSION = 1  # a top-k cache: readable by every taid-vlm that reads caches
@@ -161,7 +161,3 @@ def totals(shards: Iterable[dict]) -> Dict[str, Any]:
     out["bytes_per_supervised_token"] = out["bytes"] / tok
     out["payload_bytes_per_supervised_token"] = out["payload_bytes"] / tok
     return out
-
-
-def shards_of_split(m: dict, split: str) -> List[dict]:
-    return [s for s in m["shards"] if s["split"] == split]

@@ -141,8 +141,4 @@ class TeacherCache:
         return f"TeacherCache({self.folder}, {what}, V={self.vocab_size}, shards={len(self._by_source)})"
 
 
-def open_teacher_cache(folder) -> TeacherCache:
-    return TeacherCache(folder)
-
-
-__all__ = ["TeacherCache", "open_teacher_cache", "CACHE_MISSING", "CACHE_CORRUPT", "CACHE_TARGETS"]
+__all__ = ["TeacherCache", "CACHE_MISSING", "CACHE_CORRUPT", "CACHE_TARGETS"]

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from taid_vlm.config import ConfigError, OptimConfig, RunConfig
-from taid_vlm.losses import DistillationLoss, build_loss, loss_needs_teacher
+from taid_vlm.losses import DistillationLoss, build_loss
 from taid_vlm.models.config_checks import resolve_dtype
 
 from .ds_config import teacher_zero3_config
@@ -32,14 +32,6 @@ def build_role_model(model_cfg: dict, role: str):
     return build_model(model_cfg, role=role, where=f"{role}.model")
 
 
-def teacher_needed(cfg: RunConfig) -> bool:
-    """Build a teacher model: for the loss (unless a cache stands in for it), or to evaluate an SFT run
-    against it (loss `ce` with `teacher.model` given), so SFT curves are comparable with distillation's."""
-    if cfg.teacher.cache is not None and loss_needs_teacher(cfg.loss.name):
-        return False  # a cached teacher is never built
-    return loss_needs_teacher(cfg.loss.name) or cfg.teacher.model is not None
-
-
 def build_models(cfg: RunConfig):
     """(teacher model or None, student model); the student is built first (same initialisation with and
     without a teacher), the teacher checked for a shared vocabulary."""
@@ -49,7 +41,7 @@ def build_models(cfg: RunConfig):
     student = build_role_model(cfg.student.model, "student")
     check_model_export_round_trip(student, "student.model.tokenizer")
     teacher = None
-    if teacher_needed(cfg):
+    if cfg.builds_teacher_model():
         teacher = build_role_model(cfg.teacher.model, "teacher")
         check_vocab_compatible(teacher, student)
     if cfg.data.pack:  # refuse before any step a model whose packed documents would attend to each other
@@ -78,7 +70,7 @@ def place_teacher(cfg: RunConfig, model, device: torch.device, world: int) -> Te
 
 def open_teacher_cache(cfg: RunConfig, student):
     """`teacher.cache`: the cache, checked against this run (tokenizer, vocab size, rendering, teacher config)."""
-    if cfg.teacher.cache is None or not loss_needs_teacher(cfg.loss.name):
+    if cfg.teacher_use() != "cache":
         return None
     from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
     from taid_vlm.teacher_cache import CacheMismatchError, TeacherCache, check_manifest, vocab_hash
@@ -152,15 +144,6 @@ def fused_adamw(params: list, **hyper) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **hyper)
 
 
-def shard_paths(cfg: RunConfig, spec):
-    """`data.train` / `data.val`: a list, a comma-separated string, or one path / brace pattern."""
-    if isinstance(spec, list):
-        return [cfg.resolve_path(s) for s in spec]
-    if isinstance(spec, str) and "," in spec and "{" not in spec:
-        return [cfg.resolve_path(s.strip()) for s in spec.split(",")]
-    return cfg.resolve_path(spec)
-
-
 def node_cache(cfg: RunConfig):
     """The node-local cache of remote shards (data.cache_dir, data.cache_max_gb, data.fetch_retries); it
     touches the disk only when a shard is remote."""
@@ -170,8 +153,10 @@ def node_cache(cfg: RunConfig):
     return NodeCache(root, max_bytes=int(cfg.data.cache_max_gb * 2**30), retries=cfg.data.fetch_retries)
 
 
-def build_loaders(cfg: RunConfig, student, train_teacher, eval_teacher, rank: int, world: int, cache=None):
-    """(train loader, a function that opens a fresh validation loader or None). The train batches carry
+def build_loaders(cfg: RunConfig, shards: dict, student, train_teacher, eval_teacher, rank: int, world: int,
+                  cache=None):
+    """(train loader, a function that opens a fresh validation loader or None) over ``shards`` (expanded
+    once per run: preflight.shard_lists). The train batches carry
     the teacher's rendering only when the loss uses it; the validation batches whenever a teacher exists."""
     from taid_vlm.data import build_loader
     from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
@@ -183,11 +168,11 @@ def build_loaders(cfg: RunConfig, student, train_teacher, eval_teacher, rank: in
         shuffle_buffer=cfg.data.shuffle_buffer, companion=cache, shard_cache=node_cache(cfg),
     )
     spec_of = lambda m: m.input_spec if m is not None else None  # noqa: E731
-    train = build_loader(shard_paths(cfg, cfg.data.train), student.input_spec, spec_of(train_teacher), mode="train",
+    train = build_loader(shards["train"], student.input_spec, spec_of(train_teacher), mode="train",
                          grad_accum=cfg.train.grad_accum, **common)
     val: Optional[callable] = None
     if cfg.data.val is not None:
         val_common = {**common, "pack": False}
-        val = lambda: build_loader(shard_paths(cfg, cfg.data.val), student.input_spec, spec_of(eval_teacher),  # noqa: E731
+        val = lambda: build_loader(shards["val"], student.input_spec, spec_of(eval_teacher),  # noqa: E731
                                    mode="eval", **val_common)
     return train, val

@@ -1,6 +1,7 @@
 """Stop a run whose data is mostly unusable, instead of training all its steps on what is left.
 
-Two shares, summed over all ranks so that every rank stops after the same step:
+Two shares, summed over all ranks so that every rank stops after the same step (the four counters ride on
+train_step's one sum over ranks: `data_counts`):
 - skipped samples (corrupt, too long, unaligned, ...) over all samples read: `data.max_skipped_fraction`
   (a run that read 3,000 samples and could use one used to train all its steps on that one and exit 0);
 - supervised tokens dropped because the teacher's and the student's renderings did not pair them, over the
@@ -41,11 +42,16 @@ def data_problem(samples: float, skipped: float, supervised: float, dropped: flo
     return None
 
 
-def check_training_data(loader, data_cfg, reduce_sum) -> None:
-    """Raise UnusableDataError on every rank alike; ``reduce_sum(list[float]) -> list[float]`` sums over ranks."""
-    stats, skips = loader.stats, loader.skips
-    totals = reduce_sum([float(stats.get("samples", 0)), float(skips.total),
-                         float(stats.get("supervised_tokens", 0)), float(stats.get("unaligned_tokens_dropped", 0))])
-    message = data_problem(*totals, data_cfg.max_skipped_fraction, data_cfg.max_unaligned_fraction, skips.summary())
+def data_counts(loader) -> list[float]:
+    """This rank's counters (samples used, skipped, supervised tokens, unaligned tokens dropped), to be summed
+    over ranks with the step's other sums."""
+    stats = loader.stats
+    return [float(stats.get("samples", 0)), float(loader.skips.total), float(stats.get("supervised_tokens", 0)),
+            float(stats.get("unaligned_tokens_dropped", 0))]
+
+
+def check_training_data(totals, data_cfg, skip_summary: str) -> None:
+    """Raise UnusableDataError on every rank alike; ``totals``: data_counts summed over all ranks."""
+    message = data_problem(*totals, data_cfg.max_skipped_fraction, data_cfg.max_unaligned_fraction, skip_summary)
     if message is not None:
         raise UnusableDataError(message, "data.train")

@@ -49,15 +49,15 @@ def metric_sums(h_s, w_s, teacher: Optional[TeacherSource], targets, chunk: int 
     return sums
 
 
-def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
+def evaluate(student, teacher, batches: Iterable[dict], device, vocab_size: int, max_batches: int = 0,
              to_device=None, progress: Optional[str] = None, generation=None) -> dict[str, float]:
     """Every rank calls this. Ranks that run out of batches keep stepping with a zero-weight batch so that
-    ZeRO-3's collective parameter gathers stay matched. ``objective.student`` is the student model;
-    ``teacher`` a train.teacher.Teacher or None (batches may carry a cached top-k instead). ``progress``:
-    the name to show the loop's progress under (taid_vlm.progress; None: silent, e.g. ranks > 0).
+    ZeRO-3's collective parameter gathers stay matched. ``student``: the student model (put in eval mode
+    for the loop, its mode restored after); ``teacher`` a train.teacher.Teacher or None (batches may carry a
+    cached top-k instead). ``progress``: the name to show the loop's progress under (taid_vlm.progress; None: silent, e.g. ranks > 0).
     ``generation``: a generation_metric.GenerationScorer (train.eval_generation) fed every batch, or None."""
-    was_training = objective.training
-    objective.eval()
+    was_training = student.training
+    student.eval()
     totals = dict.fromkeys(METRICS, 0.0)
     count, seen, with_teacher = 0.0, 0, teacher is not None
     iterator = iter(batches)
@@ -76,7 +76,7 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
             last, seen = batch, seen + 1
             if to_device is not None:
                 batch = to_device(batch)
-            sums, has_teacher = _batch_sums(objective.student, teacher, batch, vocab_size)
+            sums, has_teacher = _batch_sums(student, teacher, batch, vocab_size)
             with_teacher = with_teacher or has_teacher
             if real:
                 for k in METRICS:
@@ -87,7 +87,7 @@ def evaluate(objective, teacher, batches: Iterable[dict], device, vocab_size: in
             shown.advance()
     finally:
         shown.close()
-        objective.train(was_training)
+        student.train(was_training)
     reduced = all_reduce_sum([totals[k] for k in METRICS] + [count], device)
     n = max(reduced[-1], 1.0)
     out = {f"eval_{k}": v / n for k, v in zip(METRICS, reduced[:-1]) if with_teacher or k not in TEACHER_METRICS}

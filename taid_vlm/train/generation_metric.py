@@ -74,7 +74,8 @@ def _say_once(message: str) -> None:
 
 
 class GenerationScorer:
-    """Fed every evaluation batch on every rank (None where this rank has run out); ``result()`` at the end."""
+    """Built once per run; ``start()`` before each evaluation, then fed every evaluation batch on every rank
+    (None where this rank has run out); ``result()`` at the end."""
 
     def __init__(self, cfg: RunConfig, model, engine, rank: int, world: int, device: torch.device):
         self.model, self.engine, self.rank, self.world, self.device = model, engine, rank, world, device
@@ -83,8 +84,13 @@ class GenerationScorer:
         self.sampling = dataclasses.replace(cfg.sampling, do_sample=False, max_new_tokens=tokens)
         self.pad, self.stop = pad_token_id(model.tokenizer), stop_token_ids(model)
         self.image_token_id = model.input_spec.image_token_id
+        self.start()
+
+    def start(self) -> "GenerationScorer":
+        """A new evaluation: the counts start at zero."""
         self.taken = self.plain = 0  # over all ranks
         self.sums = [0.0, 0.0, 0.0]  # this rank: ROUGE-L, exact matches, samples
+        return self
 
     def add(self, batch: Optional[dict]) -> None:
         if self.taken >= self.limit:

@@ -3,6 +3,7 @@
 - model files: every key inside a Hugging Face config dict (`llm.config`, an hf_vlm `config`, their
   `text_config`/`vision_config`) must be one the HF config class knows: a typo (`hiden_size`) would
   otherwise be stored as a stray attribute and the model silently built at the default size;
+- the teacher's dtype name (teacher.dtype), from the one list of names (models/config_checks.py);
 - paths: every local path a model section names (`path`, `saved`, a tokenizer folder), the training
   AND validation shards, the teacher cache;
 - resume: the checkpoint's saved config against this one (model shapes, loss, batch layout): a change
@@ -95,8 +96,15 @@ def _local_paths(node: Any, where: str) -> Iterator[tuple[str, str]]:
 
 
 def check_model_sections(cfg: RunConfig) -> None:
+    from taid_vlm.models.config_checks import resolve_dtype  # the one list of dtype names
+
+    if cfg.teacher.dtype is not None:
+        try:
+            resolve_dtype(cfg.teacher.dtype, "teacher.dtype")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     roles = [("student", cfg.student.model)]
-    if cfg.loss.name != "ce" and cfg.teacher.cache is None:
+    if cfg.builds_teacher_model():  # for the loss, or only to evaluate an SFT run against: built either way
         roles.append(("teacher", cfg.teacher.model))
     for role, model in roles:
         if not isinstance(model, dict):
@@ -110,23 +118,17 @@ def check_model_sections(cfg: RunConfig) -> None:
 
 # ---- data -----------------------------------------------------------------------------------------
 
-def shard_lists(cfg: RunConfig) -> dict[str, list[str]]:
-    """data.train and data.val expanded to shard lists; a missing one is a ConfigError naming the key."""
+def shard_lists(cfg: RunConfig, keys=("train", "val")) -> dict[str, list[str]]:
+    """data.train and data.val expanded to shard lists, once per run (the loaders and the cache writer take
+    these); a missing one is a ConfigError naming the key. An unset key is left out."""
     from taid_vlm.data.shards import expand_shards
 
     out = {}
-    for key in ("train", "val"):
-        spec = getattr(cfg.data, key)
-        if spec is None:
+    for key in keys:
+        if getattr(cfg.data, key) is None:
             continue
-        if isinstance(spec, list):
-            spec = [cfg.resolve_path(s) for s in spec]
-        elif "," in spec and "{" not in spec:
-            spec = [cfg.resolve_path(s.strip()) for s in spec.split(",")]
-        else:
-            spec = cfg.resolve_path(spec)
         try:
-            out[key] = expand_shards(spec)
+            out[key] = expand_shards(cfg.shard_spec(key))
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
     return out

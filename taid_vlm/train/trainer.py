@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import preflight
 from .components import (apply_optim_config, build_loaders, build_loss_fn, build_models, build_optimizer,  # noqa: F401
                          build_role_model, open_teacher_cache, place_teacher)
-from .data_guard import check_training_data
+from .data_guard import check_training_data, data_counts
 from .device import to_device
 from .ds_config import student_ds_config
 from .elastic import load_engine_checkpoint
@@ -66,6 +66,7 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         self.dropped_total = 0  # non-finite micro-batches dropped over the whole run (kept across resume)
         self._window = (0.0, time.perf_counter())  # tokens and start time of the throughput window
+        self.data_totals: list[float] = [0.0] * 4  # data_guard's counters over all ranks, as of the last step
 
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -112,6 +113,9 @@ class Trainer:
         # DeepSpeed reports the gradient norm under ZeRO and mixed precision; plain fp32 ZeRO-0 we measure
         # ourselves, before the engine clips and zeroes the gradients.
         self.manual_grad_norm = cfg.deepspeed.zero_stage == 0 and cfg.train.precision != "bf16"
+        # train.eval_generation: scores the student's greedy answers at each evaluation (None when off)
+        self.generation_scorer = build_generation_scorer(cfg, self.student_model, self.engine, self.rank, self.world,
+                                                         self.device)
 
     def _build_teacher_side(self) -> None:
         """The placed teacher (`teacher`, used by evaluation), the one the loss uses (`train_teacher`: None
@@ -123,7 +127,7 @@ class Trainer:
         uses_teacher = self.loss_fn.needs_teacher
         self.train_teacher = self.teacher if uses_teacher else None
         self.train_loader, self.make_val_loader = build_loaders(
-            cfg, self.student_model, self.teacher_model if uses_teacher else None, self.teacher_model,
+            cfg, self.shards, self.student_model, self.teacher_model if uses_teacher else None, self.teacher_model,
             self.rank, self.world, self.cache)
         self.train_iter = None
         # sampling.mode: micro-batches replaced by generated completions (train/sampling/); None when off
@@ -185,7 +189,7 @@ class Trainer:
             try:
                 while self.step < t.total_steps:
                     record = self.train_step()
-                    check_training_data(self.train_loader, self.cfg.data, lambda v: all_reduce_sum(v, self.device))
+                    check_training_data(self.data_totals, self.cfg.data, self.train_loader.skips.summary())
                     self.guard.after_step(record["step"], record["loss"], record["grad_norm"])
                     self.log_step(record)
                     if _due(self.step, t.eval_every, t.total_steps):
@@ -251,7 +255,9 @@ class Trainer:
         self.step += 1
         mean_loss = step_loss(losses, world, accum, self.device)
         self.loss_fn.update(mean_loss, self.step, self.cfg.train.total_steps)
-        tokens, supervised = all_reduce_sum([tokens, supervised], self.device)
+        # one sum over ranks for the step's counts and the data guard's (data_guard.data_counts)
+        tokens, supervised, *self.data_totals = all_reduce_sum([tokens, supervised, *data_counts(self.train_loader)],
+                                                               self.device)
         if not self.manual_grad_norm:
             grad_norm = self.engine.get_global_grad_norm()
         return {"step": self.step, "loss": mean_loss, "lr": lr, "tokens": tokens, "supervised_tokens": supervised,
@@ -318,9 +324,9 @@ class Trainer:
         """Held-out metrics at the current step (against the teacher when there is one); {} without val data."""
         if self.make_val_loader is None:
             return {}
-        scorer = build_generation_scorer(self.cfg, self.student_model, self.engine, self.rank, self.world, self.device)
-        result = evaluate(self.engine.module, self.teacher, self.make_val_loader(), self.device, self.vocab_size,
-                          self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
+        scorer = self.generation_scorer.start() if self.generation_scorer is not None else None
+        result = evaluate(self.engine.module.student, self.teacher, self.make_val_loader(), self.device,
+                          self.vocab_size, self.cfg.train.eval_batches, to_device=lambda b: to_device(b, self.device),
                           progress=f"eval step {self.step}" if self.rank == 0 else None, generation=scorer)
         self.metrics.write({"step": self.step, **result})
         if self.sampler is not None:

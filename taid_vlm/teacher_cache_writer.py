@@ -16,6 +16,10 @@ teacher gathers its parameters collectively. Each finished companion shard is re
 its statistics written under ``.parts/``; a rerun skips finished shards (``overwrite=False``). Rank 0
 writes ``manifest.json`` last.
 
+Place. Above the trainer (it reuses ``train``'s model building, placement and launch pieces) and above
+``teacher_cache`` (the format, manifest and reader, which the trainer imports): no package imports it but
+the ``data_tools/cache_teacher.py`` command.
+
 Memory. A shard is streamed: rendered samples (pixels included) are held for at most two batches (the
 batch being run and the one read ahead to know whether it is the shard's last), never a whole shard.
 """
@@ -37,16 +41,22 @@ from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
 from taid_vlm.data.pipeline import read_shard
 from taid_vlm.data.render import IGNORE_INDEX, Renderer, pad_token_id
 from taid_vlm.data.samples import decode_sample
-from taid_vlm.data.shards import expand_shards
 from taid_vlm.data.skips import SampleError, SkipCounter
 from taid_vlm.losses import OnlineTeacher
 from taid_vlm.losses.chunked import default_chunk_size
+from taid_vlm.losses.teacher_source import TAILS
 from taid_vlm.progress import LoopProgress
-
-from . import format as fmt
-from .lm_head import save_lm_head
-from .manifest import (FORMAT, HIDDEN_VERSION, KINDS, VERSION, rendering_hash, rendering_settings, totals, vocab_hash,
-                       weights_fingerprint, write_manifest)
+from taid_vlm.teacher_cache import format as fmt
+from taid_vlm.teacher_cache.lm_head import save_lm_head
+from taid_vlm.teacher_cache.manifest import (FORMAT, HIDDEN_VERSION, KINDS, VERSION, rendering_hash, rendering_settings,
+                                             totals, vocab_hash, weights_fingerprint, write_manifest)
+# the trainer's own pieces: the writer builds, places and feeds the teacher exactly as a training run does
+from taid_vlm.train.components import build_role_model, place_teacher, teacher_dtype
+from taid_vlm.train.device import to_device
+from taid_vlm.train.launch_env import all_reduce_sum, barrier, init_distributed
+from taid_vlm.train.preflight import shard_lists
+from taid_vlm.train.synthetic import ensure_synthetic_data
+from taid_vlm.train.zero3 import gathered
 
 log = logging.getLogger("taid_vlm.teacher_cache")
 
@@ -164,7 +174,6 @@ class _TeacherRecords:
 
     def _rows(self, rendered: list):
         """(teacher inputs, per-token rows): the hidden states [K, H], or the top-k triple."""
-        from taid_vlm.train.device import to_device
 
         t_in = to_device(collate(rendered, self.pad_id), self.device)
         h = self.teacher.hidden(t_in)
@@ -244,7 +253,6 @@ def _part_path(out: Path, job: _ShardJob) -> Path:
 def _processes(cfg):
     """(rank, world, device): a process group under a launcher or for a ZeRO-3 teacher; else one plain
     process (e.g. from Python), which needs none for a replicated teacher."""
-    from taid_vlm.train.launch_env import init_distributed
 
     if "RANK" in os.environ or cfg.teacher.placement == "zero3":
         return init_distributed()
@@ -252,7 +260,6 @@ def _processes(cfg):
 
 
 def _prepare_folder(out: Path, rank: int, overwrite: bool) -> None:
-    from taid_vlm.train.launch_env import barrier
 
     if rank == 0:
         (out / PARTS).mkdir(parents=True, exist_ok=True)
@@ -265,14 +272,8 @@ def _prepare_folder(out: Path, rank: int, overwrite: bool) -> None:
 
 
 def _shard_jobs(cfg, splits: Sequence[str]) -> List[_ShardJob]:
-    from taid_vlm.train.components import shard_paths
-
     jobs: List[_ShardJob] = []
-    for split in splits:
-        spec_paths = getattr(cfg.data, split)
-        if spec_paths is None:
-            continue
-        paths = expand_shards(shard_paths(cfg, spec_paths))
+    for split, paths in shard_lists(cfg, splits).items():
         jobs += [_ShardJob(split, p, c) for p, c in zip(paths, companion_names(paths, split))]
     if not jobs:
         raise ValueError(f"no shards to cache: data.{' / data.'.join(splits)} not set")
@@ -293,7 +294,6 @@ def _work(mine: List[_ShardJob], out: Path, renderer, data_cfg: dict, bs: int, r
 
 def _write_companions(work: Iterator, run_teacher: _TeacherRecords, out: Path, lockstep: bool, device, rank: int,
                       compress: bool) -> None:
-    from taid_vlm.train.launch_env import all_reduce_sum
 
     shard = None
     shown = LoopProgress(f"teacher cache (rank {rank})", unit="samples", enabled=rank == 0)
@@ -323,7 +323,6 @@ def _write_companions(work: Iterator, run_teacher: _TeacherRecords, out: Path, l
 def cache_layout(kind: str = "topk", k: Optional[int] = 64, logprob_dtype: str = "float16",
                  hidden_dtype: Optional[str] = None, tail: str = "uniform") -> CacheLayout:
     """A checked CacheLayout (``hidden_dtype`` None: the teacher's own dtype, filled in by write_cache)."""
-    from taid_vlm.losses.teacher_source import TAILS
 
     if kind not in KINDS:
         raise ValueError(f"cache format must be one of {KINDS}, got {kind!r}")
@@ -356,10 +355,6 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     removes the tar headers' and paddings' zeros and the ids' zero high bytes at little CPU cost.
     ``kind``: "topk" (``k``, ``logprob_dtype``, ``tail``) or "hidden" (the teacher's final hidden states
     in ``hidden_dtype``, default the teacher's dtype, which makes the cache exact; lm_head stored once)."""
-    from taid_vlm.train.components import build_role_model, place_teacher, teacher_dtype
-    from taid_vlm.train.launch_env import barrier
-    from taid_vlm.train.synthetic import ensure_synthetic_data
-    from taid_vlm.train.zero3 import gathered
 
     layout = cache_layout(kind, k, logprob_dtype, hidden_dtype, tail)
     if cfg.teacher.model is None:
@@ -412,7 +407,6 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
 def _store_lm_head(teacher, out: Path, vocab_size: int, rank: int) -> dict:
     """The teacher's lm_head (first ``vocab_size`` rows, its own dtype) into the cache; every rank gathers
     it (collective under ZeRO-3), rank 0 writes it."""
-    from taid_vlm.train.launch_env import barrier
 
     with teacher.output_weight() as w:
         entry = save_lm_head(out, w[:vocab_size]) if rank == 0 else None
@@ -422,7 +416,6 @@ def _store_lm_head(teacher, out: Path, vocab_size: int, rank: int) -> dict:
 
 def _manifest(cfg, spec, layout: CacheLayout, vocab_size: int, compress: bool, fingerprint: str,
               caption: str, entries: List[dict], writer: dict, lm_head: Optional[dict]) -> dict:
-    from taid_vlm.train.components import teacher_dtype
 
     settings = rendering_settings(spec, cfg.data.max_length, cfg.data.text_only, caption)
     if layout.kind == "hidden":
