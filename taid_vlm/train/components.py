@@ -171,7 +171,7 @@ def build_loaders(cfg: RunConfig, student, train_teacher, eval_teacher, rank: in
         batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_length, num_workers=cfg.data.num_workers,
         seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
         caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache,
+        shuffle_buffer=cfg.data.shuffle_buffer, companion=cache, prompt_tokens=cfg.data.prompt_tokens,
     )
     spec_of = lambda m: m.input_spec if m is not None else None  # noqa: E731
     train = build_loader(shard_paths(cfg, cfg.data.train), student.input_spec, spec_of(train_teacher), mode="train",
