@@ -76,6 +76,8 @@ class DataConfig:
     text_only: bool = False
     pack: bool = False
     max_length: int = 512
+    prompt_tokens: int = 0      # a raw-text document's first N tokens are its prompt (generation metric, sampling);
+                                # 0: its first token. Conversations: the sample up to its last assistant turn
     num_workers: int = 0
     shuffle_buffer: int = 1000
     caption_instruction: Optional[str] = None
@@ -558,6 +560,10 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
         if d.synthetic_dir is None:
             raise ConfigError("data.synthetic_dir: required with data.synthetic (where to generate the shards)")
     _positive("data.max_length", d.max_length)
+    _positive("data.prompt_tokens", d.prompt_tokens, allow_zero=True)
+    if d.prompt_tokens >= d.max_length:
+        raise ConfigError(f"data.prompt_tokens: {d.prompt_tokens} leaves no continuation within data.max_length "
+                          f"{d.max_length}; use fewer")
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _positive("data.cache_max_gb", d.cache_max_gb)
     _positive("data.fetch_retries", d.fetch_retries, allow_zero=True)

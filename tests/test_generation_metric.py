@@ -16,7 +16,7 @@ from taid_vlm.data.render import Renderer, pad_token_id
 from taid_vlm.data.samples import Sample
 from taid_vlm.experiments.report import harness_metrics
 from taid_vlm.models import build_model
-from taid_vlm.train.generation_metric import (GenerationScorer, conversation_rows, exact_match, reference_ids,
+from taid_vlm.train.generation_metric import (GenerationScorer, answer_rows, exact_match, reference_ids,
                                               rouge_l)
 from taid_vlm.train.sampling.completions import left_padded
 from taid_vlm.train.sampling.generation import stop_token_ids
@@ -96,8 +96,8 @@ def _chat(key: str, answer: str) -> Sample:
                                  {"role": "assistant", "content": answer}])
 
 
-def _batch(model, samples) -> dict:
-    render = Renderer(model.input_spec, max_length=256)
+def _batch(model, samples, prompt_tokens: int = 0) -> dict:
+    render = Renderer(model.input_spec, max_length=256, prompt_tokens=prompt_tokens)
     return {"student": collate([render(s) for s in samples], pad_token_id(model.tokenizer)),
             "keys": [s.key for s in samples]}
 
@@ -105,16 +105,16 @@ def _batch(model, samples) -> dict:
 def test_reference_is_the_last_answer_and_raw_text_has_none(student):
     batch = _batch(student, [_chat("a", "At the top left."), Sample("doc", text="A plain document.")])
     part = batch["student"]
-    assert conversation_rows(part) == [0]
+    assert answer_rows(part) == [0]
     n, length = int(part["prompt_lengths"][0]), int(part["attention_mask"][0].sum())
     ref = reference_ids(part["input_ids"][0].tolist(), n, length, stop_token_ids(student))
     assert ref[-1] in stop_token_ids(student)
     assert student.tokenizer.decode(ref, skip_special_tokens=True).strip() == "At the top left."
 
 
-def _greedy_text(model, sample: Sample, tokens: int) -> str:
+def _greedy_text(model, sample: Sample, tokens: int, prompt_tokens: int = 0) -> str:
     """The model's greedy answer to the sample's prompt, alone (no batch), by transformers' generate."""
-    part = _batch(model, [sample])["student"]
+    part = _batch(model, [sample], prompt_tokens)["student"]
     pad = pad_token_id(model.tokenizer)
     ids, mask = left_padded([part["input_ids"][0, : part["prompt_lengths"][0]].tolist()], pad)
     gen = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=sorted(stop_token_ids(model)),
@@ -124,8 +124,9 @@ def _greedy_text(model, sample: Sample, tokens: int) -> str:
     return model.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
 
-def _scorer(model, limit: int) -> GenerationScorer:
-    cfg = load_config(CONFIGS / "tiny_text.yaml", [f"train.eval_generation={limit}", "train.eval_max_new_tokens=6"])
+def _scorer(model, limit: int, tokens: int = 6) -> GenerationScorer:
+    cfg = load_config(CONFIGS / "tiny_text.yaml", [f"train.eval_generation={limit}",
+                                                   f"train.eval_max_new_tokens={tokens}"])
     return GenerationScorer(cfg, model, None, 0, 1, torch.device("cpu"))
 
 
@@ -154,3 +155,37 @@ def test_scorer_scores_the_students_own_greedy_answer_as_a_match(student, caplog
     assert scorer.result() == got
     first.start().add(batch)
     assert first.result() == {"eval_rougeL": 1.0, "eval_exact_match": 1.0, "eval_generated": 1}
+
+
+def test_raw_text_with_prompt_tokens_scores_the_greedy_continuation(student):
+    """data.prompt_tokens P: a raw document's first P tokens are the prompt; the reference is its next
+    max_new_tokens tokens. The scorer equals the direct computation: transformers' greedy generate from the
+    first P tokens alone, ROUGE-L and exact match against the decoded next tokens."""
+    P, N = 4, 5
+    docs = [Sample("d0", text="def add(a, b):\n    return a + b\n"), Sample("d1", text="x = [i * i for i in range(9)]")]
+    tok = student.tokenizer
+    want_rouge, want_match = [], []
+    for doc in docs:
+        ids = tok(doc.text, add_special_tokens=True)["input_ids"]
+        assert len(ids) > P + N  # the reference is cut at N tokens, not at the document's end
+        reference = tok.decode(ids[P:P + N], skip_special_tokens=True)
+        got = _greedy_text(student, doc, N, prompt_tokens=P)
+        want_rouge.append(rouge_l(got, reference))
+        want_match.append(float(exact_match(got, reference)))
+    batch = _batch(student, docs, prompt_tokens=P)
+    assert batch["student"]["prompt_lengths"].tolist() == [P, P]
+    scorer = _scorer(student, 10, tokens=N)
+    scorer.add(batch)
+    got = scorer.result()
+    assert got["eval_generated"] == 2
+    assert got["eval_rougeL"] == pytest.approx(sum(want_rouge) / 2, abs=1e-12)
+    assert got["eval_exact_match"] == sum(want_match) / 2
+
+    # the student fitted to continue d0 writes its next tokens exactly: a match that the scorer sees
+    fitted = build_model(load_cfg("tiny_text_student"))
+    fitted.load_state_dict(student.state_dict())
+    fit_answers(fitted, _batch(fitted, docs[:1])["student"], steps=150)
+    fitted.eval()
+    scorer = _scorer(fitted, 10, tokens=N)
+    scorer.add(_batch(fitted, docs[:1], prompt_tokens=P))
+    assert scorer.result() == {"eval_rougeL": 1.0, "eval_exact_match": 1.0, "eval_generated": 1}

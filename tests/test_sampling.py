@@ -146,6 +146,36 @@ def test_prompt_is_the_conversation_up_to_its_last_assistant_turn(tiny_tokenizer
     assert rendered.labels[rendered.prompt_length - 1] == IGNORE_INDEX
 
 
+def test_a_raw_documents_prompt_is_its_first_prompt_tokens(tiny_tokenizer):
+    """data.prompt_tokens P: the student continues a raw document from its first P tokens and is trained on
+    exactly its completion; the fixed-data row still supervises every token but the first, prompt included."""
+    from taid_vlm.data.collate import collate
+    from taid_vlm.train.sampling.completions import prompts_of
+
+    doc = Sample("doc", text="def add(a, b):\n    return a + b\n")
+    plain = Renderer(InputSpec(tiny_tokenizer), max_length=256)(doc)
+    rendered = Renderer(InputSpec(tiny_tokenizer), max_length=256, prompt_tokens=6)(doc)
+    assert len(rendered) > 8 and plain.prompt_length == 1 and rendered.prompt_length == 6
+    assert rendered.input_ids == plain.input_ids and rendered.labels == plain.labels  # the loss is unchanged
+    assert rendered.labels[1:] == rendered.input_ids[1:] and rendered.labels[0] == IGNORE_INDEX
+    part = collate([rendered, plain], tiny_tokenizer.pad_token_id)
+    prompts = prompts_of(part)
+    assert prompts == [rendered.input_ids[:6], rendered.input_ids[:1]]
+    completions = [[40, 41, 42], [43]]
+    sampled = completion_part(prompts, completions, tiny_tokenizer.pad_token_id)
+    assert sampled["loss_targets"].tolist() == [40, 41, 42, 43]
+    assert sampled["input_ids"][0, :9].tolist() == rendered.input_ids[:6] + [40, 41, 42]
+
+
+def test_a_raw_prompt_always_leaves_a_continuation(tiny_tokenizer):
+    doc = Sample("doc", text="x = 1")
+    full = Renderer(InputSpec(tiny_tokenizer), max_length=256)(doc)
+    short = Renderer(InputSpec(tiny_tokenizer), max_length=256, prompt_tokens=len(full) + 5)(doc)
+    assert short.prompt_length == len(full) - 1  # the last token (eos) is still the continuation
+    cut = Renderer(InputSpec(tiny_tokenizer), max_length=4, prompt_tokens=10)(doc)
+    assert len(cut) == 4 and cut.prompt_length == 3
+
+
 def _cfg(*overrides):
     return load_config(CONFIGS / "tiny_text.yaml", ["data.synthetic=null", *overrides])
 
@@ -159,6 +189,8 @@ def _cfg(*overrides):
     (["sampling.mode=adaptive", "data.val=null", "train.eval_every=5"], "sampling.mode"),
     (["sampling.mode=adaptive", "train.eval_every=0"], "sampling.mode"),
     (["sampling.mode=mixed", "data.pack=true"], "sampling.mode"),
+    (["data.prompt_tokens=-1"], "data.prompt_tokens"),
+    (["data.max_length=64", "data.prompt_tokens=64"], "data.prompt_tokens"),
 ])
 def test_bad_sampling_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

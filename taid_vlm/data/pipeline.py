@@ -188,7 +188,7 @@ class SampleStream(IterableDataset):
                  caption_instruction: str, text_only: bool, pack: bool, shuffle_buffer: int,
                  pad_to_multiple_of: Optional[int] = None, companion: Any = None,
                  companion_paths: Optional[Dict[str, str]] = None, grad_accum: int = 1,
-                 shard_cache: Optional[NodeCache] = None):
+                 shard_cache: Optional[NodeCache] = None, prompt_tokens: int = 0):
         super().__init__()
         self.layout = Layout(batch_size, grad_accum, world_size)
         self.shards = shards
@@ -198,9 +198,9 @@ class SampleStream(IterableDataset):
         self.caption_instruction, self.text_only, self.pack = caption_instruction, text_only, pack
         self.shuffle_buffer = shuffle_buffer if mode == "train" else 1
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.student_r = Renderer(student, max_length)
+        self.student_r = Renderer(student, max_length, prompt_tokens)
         self.teacher_r = None if teacher is None else (
-            self.student_r if teacher is student else Renderer(teacher, max_length))
+            self.student_r if teacher is student else Renderer(teacher, max_length, prompt_tokens))
         self.pad_ids = [pad_token_id(student.tokenizer)] + ([] if teacher is None else [pad_token_id(teacher.tokenizer)])
         self.resume: Dict[Any, Any] = {}  # train: the global position; eval: per-worker positions
         self.companion = companion  # a teacher cache (taid_vlm.teacher_cache.TeacherCache) or None
@@ -675,7 +675,7 @@ def build_loader(
     text_only: bool = False, pack: bool = False, shuffle_buffer: int = 1000,
     pad_to_multiple_of: Optional[int] = None, pin_memory: bool = False, prefetch_factor: Optional[int] = None,
     multiprocessing_context: Optional[str] = None, companion: Any = None, grad_accum: int = 1,
-    shard_cache: Optional[NodeCache] = None,
+    shard_cache: Optional[NodeCache] = None, prompt_tokens: int = 0,
 ) -> Loader:
     """The one entry point: shards + per-model InputSpecs -> a resumable iterable of batches.
 
@@ -694,6 +694,8 @@ def build_loader(
     Train mode slices ONE global sample order (global_order.py): ``grad_accum`` and ``world_size`` say
     how, so that an optimizer step (``grad_accum`` micro-batches on every rank) sees the same samples
     whatever the world size; ``batch_size`` counts samples (documents, when packed) per micro-batch.
+
+    ``prompt_tokens``: a raw-text document's prompt is its first that many tokens (render.Renderer).
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -721,6 +723,6 @@ def build_loader(
                           caption_instruction=caption_instruction, text_only=text_only, pack=pack,
                           shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of,
                           companion=companion, companion_paths=companion_paths, grad_accum=grad_accum,
-                          shard_cache=shard_cache)
+                          shard_cache=shard_cache, prompt_tokens=prompt_tokens)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                   multiprocessing_context=multiprocessing_context)

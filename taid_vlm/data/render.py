@@ -24,7 +24,9 @@ length and wrapper tokens vary per image), and step 5 keeps the processor's tens
 ``max_length`` or that the processor rejects skips the sample (too_long / image_rejected).
 
 A raw document (``Sample.text``, LLM path) is tokenized as is, with the eos token appended; every
-token but the first is supervised. Labels are NOT shifted: ``labels[i]`` is the token at ``i`` when it
+token but the first is supervised. It has no question and answer: its prompt (``Rendered.prompt_length``,
+where generation starts) is its first ``prompt_tokens`` tokens (``data.prompt_tokens``; 0: the first
+token), always leaving at least one token of reference continuation; the prompt tokens stay supervised. Labels are NOT shifted: ``labels[i]`` is the token at ``i`` when it
 is supervised, else -100; position 0 is never supervised (nothing predicts it).
 """
 
@@ -133,11 +135,12 @@ def check_spec(spec: InputSpec, name: str = "model") -> None:
 class Renderer:
     """Renders samples for one model; cheap to pickle into DataLoader workers."""
 
-    def __init__(self, spec: InputSpec, max_length: int):
+    def __init__(self, spec: InputSpec, max_length: int, prompt_tokens: int = 0):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         self.spec = spec
         self.max_length = int(max_length)
+        self.prompt_tokens = int(prompt_tokens)
         self.template = resolve_template(spec)
         prompt = spec.image_prompt or spec.image_token
         self.form = content_form(spec.tokenizer, self.template, prompt if spec.is_multimodal else None)
@@ -211,6 +214,8 @@ class Renderer:
     def __call__(self, sample: Sample) -> Rendered:
         rendered = self._render(sample)
         rendered.prompt_length = prompt_length(rendered.labels)
+        if sample.messages is None and self.prompt_tokens:  # a raw document: its first tokens are the prompt
+            rendered.prompt_length = max(1, min(self.prompt_tokens, len(rendered) - 1))
         return rendered
 
     def _render(self, sample: Sample) -> Rendered:

@@ -166,6 +166,7 @@ def build_loaders(cfg: RunConfig, shards: dict, student, train_teacher, eval_tea
         seed=cfg.seed, rank=rank, world_size=world, text_only=cfg.data.text_only, pack=cfg.data.pack,
         caption_instruction=cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
         shuffle_buffer=cfg.data.shuffle_buffer, companion=cache, shard_cache=node_cache(cfg),
+        prompt_tokens=cfg.data.prompt_tokens,
     )
     spec_of = lambda m: m.input_spec if m is not None else None  # noqa: E731
     train = build_loader(shards["train"], student.input_spec, spec_of(train_teacher), mode="train",

@@ -5,7 +5,9 @@
   student's own rendering; greedy, stopped at the end-of-turn token (sampling/generation.py), at most
   train.eval_max_new_tokens (0: sampling.max_new_tokens) new tokens and never past data.max_length.
 - reference: the last assistant answer of the sample, the tokens after the prompt up to the end of turn,
-  decoded without special tokens (what the student is trained to write).
+  decoded without special tokens (what the student is trained to write). A raw-text document with
+  data.prompt_tokens P >= 2: the prompt is its first P tokens and the reference is the document's next
+  tokens, as many as the answer may have (a continuation has no end of turn to stop at).
 - eval_rougeL: ROUGE-L F1 as the official TAID code reports it (src/metrics.py: Hugging Face
   `evaluate`'s "rouge", i.e. Google's rouge_score with rougeL and use_stemmer=True, so its default
   tokenizer: lowercase, runs of [a-z0-9] (anything else, non-Latin scripts included, is dropped), Porter
@@ -16,8 +18,8 @@
 - eval_generated: how many samples were scored (N, or fewer when the held-out set is smaller).
 
 The first N: in evaluation order, rank 0's rows of an eval batch before rank 1's, so every rank computes the
-same numbers (sums over ranks). Raw-text samples (a `text` document, no conversation) have no answer:
-they are skipped and said so once. Under ZeRO-3 every rank gathers the student while any rank generates
+same numbers (sums over ranks). Raw-text samples (a `text` document, no conversation) without
+data.prompt_tokens have no answer: they are skipped and said so once. Under ZeRO-3 every rank gathers the student while any rank generates
 (zero3.generation_ready); that happens only for the batches that still hold unscored samples.
 """
 
@@ -31,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from taid_vlm.config import RunConfig
-from taid_vlm.data.render import pad_token_id
+from taid_vlm.data.render import IGNORE_INDEX, pad_token_id
 
 from .launch_env import all_reduce_sum
 from .sampling.completions import check_images_in_prompts, cut_completion, prompts_of
@@ -58,14 +60,23 @@ def exact_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
-def reference_ids(row: Sequence[int], prompt_length: int, length: int, stop_ids: set) -> list[int]:
-    """The last answer's ids in a rendered row: after the prompt, up to and including the end of turn."""
-    return cut_completion(list(row)[prompt_length:length], stop_ids, length)
+def reference_ids(row: Sequence[int], prompt_length: int, length: int, stop_ids: set,
+                  limit: Optional[int] = None) -> list[int]:
+    """The last answer's ids in a rendered row: after the prompt, up to and including the end of turn
+    (and at most `limit` tokens)."""
+    return cut_completion(list(row)[prompt_length:length], stop_ids, length if limit is None else limit)
 
 
-def conversation_rows(part: dict) -> list[int]:
-    """The rows that hold a conversation: a raw document's prompt is its first token only (render.prompt_length)."""
+def answer_rows(part: dict) -> list[int]:
+    """The rows with a prompt to answer: conversations, and raw documents given data.prompt_tokens >= 2
+    (without it a raw document's prompt is its first token only: render.Renderer)."""
     return [b for b, n in enumerate(part["prompt_lengths"].tolist()) if n > 1]
+
+
+def is_raw_text(labels: Sequence[int], prompt_length: int) -> bool:
+    """A raw document supervises its prompt tokens (all but the first); a conversation never supervises
+    the token before its last answer (the assistant turn's header)."""
+    return prompt_length > 1 and int(labels[prompt_length - 1]) != IGNORE_INDEX
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +107,7 @@ class GenerationScorer:
         if self.taken >= self.limit:
             return
         part = batch["student"] if batch is not None else None
-        rows = conversation_rows(part) if part is not None else []
+        rows = answer_rows(part) if part is not None else []
         counts = [0.0] * self.world + [float(len(batch["keys"]) - len(rows)) if batch is not None else 0.0]
         counts[self.rank] = float(len(rows))
         counts = [int(c) for c in all_reduce_sum(counts, self.device)]
@@ -124,7 +135,9 @@ class GenerationScorer:
         for b, answer in zip(rows, answers):
             if b not in mine:
                 continue
-            ref = reference_ids(part["input_ids"][b].tolist(), int(part["prompt_lengths"][b]), lengths[b], self.stop)
+            start = int(part["prompt_lengths"][b])
+            cap = self.sampling.max_new_tokens if is_raw_text(part["labels"][b], start) else None
+            ref = reference_ids(part["input_ids"][b].tolist(), start, lengths[b], self.stop, cap)
             got, want = decode(answer, skip_special_tokens=True), decode(ref, skip_special_tokens=True)
             self.sums[0] += rouge_l(got, want)
             self.sums[1] += float(exact_match(got, want))
@@ -135,7 +148,7 @@ class GenerationScorer:
         rouge, matches, n = all_reduce_sum(self.sums, self.device)
         if self.plain:
             _say_once(f"eval_generation: {self.plain} held-out raw-text samples (no conversation, so no answer) "
-                      "were skipped; the generation metric is for chat data")
+                      "were skipped; set data.prompt_tokens to score the continuation of their first tokens")
         if n == 0:
             return {}
         return {"eval_rougeL": rouge / n, "eval_exact_match": matches / n, "eval_generated": int(n)}
