@@ -195,6 +195,49 @@ def _memory(result: dict) -> dict:
     return result
 
 
+class PhaseClock:
+    """Wall time of the phases of a step (generation, forwards, loss, backward, optimizer), from wrappers
+    around the functions that run them; only the outermost open phase counts (the student's forwards inside
+    generation are generation). Steps after the warmup: their events start after the warmup's last step end."""
+
+    def __init__(self):
+        self.events: list = []  # (phase, start, end), time.time()
+        self.open = 0
+
+    def timed(self, fn, phase: str):
+        import functools
+
+        @functools.wraps(fn)
+        def run(*a, **k):
+            start, self.open = time.time(), self.open + 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.open -= 1
+                if self.open == 0:
+                    self.events.append((phase, start, time.time()))
+        return run
+
+    def wrap(self, owner, attr: str, phase: str, static: bool = False) -> None:
+        run = self.timed(getattr(owner, attr), phase)
+        setattr(owner, attr, staticmethod(run) if static else run)
+
+    def optimizer_hooks(self) -> None:
+        """torch's global optimizer-step hooks: the optimizer's own step in every trainer alike."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        started = []
+        register_optimizer_step_pre_hook(lambda *a: started.append(time.time()))
+        register_optimizer_step_post_hook(lambda *a: self.events.append(("optimizer", started.pop(), time.time())))
+
+    def ms_per_step(self, since: float, steps: int) -> dict:
+        out: dict = {}
+        for phase, start, end in self.events:
+            if start >= since:
+                out[phase] = out.get(phase, 0.0) + 1000 * (end - start) / steps
+        return out
+
+
 def stage_ours(work: Path, s: dict) -> dict:
     """`taid-vlm train` on the generated config; per-step times from its metrics.jsonl (log_every 1)."""
     import torch
@@ -215,7 +258,8 @@ def stage_ours(work: Path, s: dict) -> dict:
         return save_checkpoint(*a, **k)
 
     checkpoint.save_checkpoint = measured_save
-    rc = main(["train", str(work / "ours.yaml"), "--output-dir", str(out)])
+    clock = ours_phases()
+    rc = main(["train", str(work / "ours.yaml"), "--output-dir", str(out), "--overwrite"])
     if rc:
         raise RuntimeError(f"taid-vlm train exited with {rc}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -231,8 +275,30 @@ def stage_ours(work: Path, s: dict) -> dict:
                                f"{[r['supervised_tokens'] for r in recs]} vs {supervised}")
         step_s = [tok / r["tokens_per_s"] for tok, r in zip(tokens, recs)]
     after_save = _memory({})
+    warm = s["warmup"]
+    phases = clock.ms_per_step(recs[warm - 1]["time"], len(recs) - warm) if 0 < warm < len(recs) else {}
     return {"losses": [r["loss"] for r in recs], "step_s": step_s, "tokens": tokens, **at_end,
-            "ru_maxrss_with_save_mib": after_save["ru_maxrss_mib"]}
+            "ru_maxrss_with_save_mib": after_save["ru_maxrss_mib"], "phases_ms": phases}
+
+
+def ours_phases() -> PhaseClock:
+    """Our step's phases: generation; the teacher's trunk (its lm_head runs inside the chunked loss); the
+    student's trunk; the chunked loss (both lm_heads, forward); backward (the loss recomputes its chunks)."""
+    import deepspeed
+
+    from taid_vlm.losses.base import DistillationLoss
+    from taid_vlm.train import objective
+    from taid_vlm.train.sampling import step_sampler
+    from taid_vlm.train.teacher import Teacher
+
+    clock = PhaseClock()
+    clock.wrap(step_sampler, "generate_completions", "generation")
+    clock.wrap(Teacher, "hidden", "teacher forward")
+    clock.wrap(objective, "hidden_at", "student forward")
+    clock.wrap(DistillationLoss, "fused", "loss")
+    clock.wrap(deepspeed.DeepSpeedEngine, "backward", "backward")
+    clock.optimizer_hooks()
+    return clock
 
 
 def _peer_run(work: Path, s: dict, kind: str) -> dict:
@@ -255,13 +321,20 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
     # Trainer's batch size is 1 and the collator unwraps the row, so every trainer sees exactly our batches.
     # (TRL requires a datasets.Dataset.)
     rows = Dataset.from_list([{k: v.tolist() for k, v in b.items()} for b in batches]).with_format("torch")
-    losses, step_end, seen_tokens = [], [], []
+    losses, step_end, step_end_wall, seen_tokens = [], [], [], []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_end.append(time.perf_counter())
+            step_end_wall.append(time.time())
+
+    # The same phases as ours (the lm_heads run inside the forwards here: full [B, T, V] logits)
+    clock = PhaseClock()
+    clock.wrap(student, "forward", "student forward")
+    clock.wrap(teacher, "forward", "teacher forward")
+    clock.optimizer_hooks()
 
     common = dict(output_dir=str(work / f"{kind}_run"), per_device_train_batch_size=1, max_steps=s["steps"],
                   learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
@@ -294,6 +367,8 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
         args = GKDConfig(**common, beta=0.0, seq_kd=False, max_length=s["seq"], disable_dropout=True, **on_policy)
         trainer = recorded(GKDTrainer)(model=student, teacher_model=teacher, args=args, data_collator=unwrap,
                                        train_dataset=rows, processing_class=tok, callbacks=[StepClock()])
+        clock.wrap(GKDTrainer, "generate_on_policy_outputs", "generation", static=True)
+        clock.wrap(GKDTrainer, "generalized_jsd_loss", "loss", static=True)
         version = f"trl {trl.__version__}"
     else:
         from transformers import TrainingArguments
@@ -302,13 +377,16 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
                                       train_dataset=rows, processing_class=tok, callbacks=[StepClock()])
         trainer.teacher_model = trainer.accelerator.prepare_model(teacher, evaluation_mode=True)
         version = None
+    clock.wrap(trainer.accelerator, "backward", "backward")
     start = time.perf_counter()
     trainer.train()
     import transformers
 
     step_s = [b - a for a, b in zip([start] + step_end[:-1], step_end)]
     tokens = seen_tokens
-    return _memory({"losses": losses, "step_s": step_s, "tokens": tokens,
+    warm = s["warmup"]
+    phases = clock.ms_per_step(step_end_wall[warm - 1], len(step_end) - warm) if 0 < warm < len(step_end) else {}
+    return _memory({"losses": losses, "step_s": step_s, "tokens": tokens, "phases_ms": phases,
                     "versions": ", ".join(x for x in (version, f"transformers {transformers.__version__}") if x)})
 
 
@@ -438,6 +516,22 @@ def summarize(res: dict, warmup: int) -> dict:
     return {"tokens_per_s": sum(tok) / sum(sec), "step_s_median": statistics.median(sec)}
 
 
+PHASES = ("generation", "teacher forward", "student forward", "loss", "backward", "optimizer")
+
+
+def print_phases(results: dict, warmup: int) -> None:
+    """ms per step after the warmup, by phase (PhaseClock); `other`: the rest of the step (data, batch
+    building, gradient clipping, zero_grad, logging)."""
+    if not results:
+        return
+    print(f"\n{'ms per step':<16}" + "".join(f"{name:>10}" for name in results))
+    steps = {name: 1000 * sum(r["step_s"][warmup:]) / len(r["step_s"][warmup:]) for name, r in results.items()}
+    for phase in PHASES:
+        print(f"{phase:<16}" + "".join(f"{r['phases_ms'].get(phase, 0.0):>10.0f}" for r in results.values()))
+    print(f"{'other':<16}" + "".join(f"{steps[n] - sum(r['phases_ms'].values()):>10.0f}" for n, r in results.items()))
+    print(f"{'whole step':<16}" + "".join(f"{steps[n]:>10.0f}" for n in results))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
@@ -477,7 +571,7 @@ def main():
         "pack": gpu or args.pack, "data": args.data, "samples": max(2_000, args.steps * (args.micro_batch or 4) * 40),
         "loss": args.loss, "lr": 1e-5 if gpu else 1e-4,
         "precision": "bf16" if gpu else "fp32", "model_dtype": "bfloat16" if gpu else "float32", "grad_ckpt": False,
-        "on_policy": args.on_policy,
+        "on_policy": args.on_policy, "warmup": args.warmup,
     }
     (work / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"work folder {work}; load average {os.getloadavg()}", flush=True)
@@ -525,6 +619,7 @@ def main():
     print("peak RSS: the trainer process's ru_maxrss when training ends (ours: before its final checkpoint, "
           f"{base['ru_maxrss_with_save_mib']:.0f} MiB after it)" if base else "peak RSS: ru_maxrss at the end")
     print("tree peak: RSS of the process tree sampled every 0.1 s over the whole run (startup and ours' save included)")
+    print_phases({name: res for name, (res, _, _) in rows.items() if res and res.get("phases_ms")}, args.warmup)
     (work / "summary.json").write_text(json.dumps({k: {"result": v[0], "why": v[1], "peak_tree_rss_mib": v[2]}
                                                    for k, v in rows.items()}, indent=1))
 
