@@ -196,12 +196,14 @@ def _memory(result: dict) -> dict:
 
 
 class PhaseClock:
-    """Wall time of the phases of a step (generation, forwards, loss, backward, optimizer), from wrappers
-    around the functions that run them; only the outermost open phase counts (the student's forwards inside
-    generation are generation). Steps after the warmup: their events start after the warmup's last step end."""
+    """Wall and CPU time (the process's, so a loaded machine inflates it less: one BLAS thread) of the phases of
+    a step (generation, forwards, loss, backward, optimizer), from wrappers around the functions that run
+    them; only the outermost open phase counts (the student's forwards inside generation are generation).
+    A step ends when its optimizer step does (torch's global optimizer hooks: every trainer alike)."""
 
     def __init__(self):
-        self.events: list = []  # (phase, start, end), time.time()
+        self.events: list = []      # (phase, wall start, wall s, cpu s)
+        self.step_ends: list = []   # (wall, cpu) after each optimizer step
         self.open = 0
 
     def timed(self, fn, phase: str):
@@ -209,13 +211,13 @@ class PhaseClock:
 
         @functools.wraps(fn)
         def run(*a, **k):
-            start, self.open = time.time(), self.open + 1
+            wall, cpu, self.open = time.time(), time.process_time(), self.open + 1
             try:
                 return fn(*a, **k)
             finally:
                 self.open -= 1
                 if self.open == 0:
-                    self.events.append((phase, start, time.time()))
+                    self.events.append((phase, wall, time.time() - wall, time.process_time() - cpu))
         return run
 
     def wrap(self, owner, attr: str, phase: str, static: bool = False) -> None:
@@ -223,18 +225,27 @@ class PhaseClock:
         setattr(owner, attr, staticmethod(run) if static else run)
 
     def optimizer_hooks(self) -> None:
-        """torch's global optimizer-step hooks: the optimizer's own step in every trainer alike."""
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         started = []
-        register_optimizer_step_pre_hook(lambda *a: started.append(time.time()))
-        register_optimizer_step_post_hook(lambda *a: self.events.append(("optimizer", started.pop(), time.time())))
+        register_optimizer_step_pre_hook(lambda *a: started.append((time.time(), time.process_time())))
 
-    def ms_per_step(self, since: float, steps: int) -> dict:
-        out: dict = {}
-        for phase, start, end in self.events:
-            if start >= since:
-                out[phase] = out.get(phase, 0.0) + 1000 * (end - start) / steps
+        def ended(*a):
+            (wall, cpu), now = started.pop(), (time.time(), time.process_time())
+            self.events.append(("optimizer", wall, now[0] - wall, now[1] - cpu))
+            self.step_ends.append(now)
+        register_optimizer_step_post_hook(ended)
+
+    def per_step(self, warmup: int) -> dict:
+        """ms per step after the warmup: {"wall": {phase: ms, "step": ms}, "cpu": {...}}."""
+        if not 0 < warmup < len(self.step_ends):
+            return {}
+        steps, (wall0, cpu0), (wall1, cpu1) = len(self.step_ends) - warmup, self.step_ends[warmup - 1], self.step_ends[-1]
+        out = {"wall": {"step": 1000 * (wall1 - wall0) / steps}, "cpu": {"step": 1000 * (cpu1 - cpu0) / steps}}
+        for phase, start, wall, cpu in self.events:
+            if start >= wall0:
+                out["wall"][phase] = out["wall"].get(phase, 0.0) + 1000 * wall / steps
+                out["cpu"][phase] = out["cpu"].get(phase, 0.0) + 1000 * cpu / steps
         return out
 
 
@@ -275,8 +286,7 @@ def stage_ours(work: Path, s: dict) -> dict:
                                f"{[r['supervised_tokens'] for r in recs]} vs {supervised}")
         step_s = [tok / r["tokens_per_s"] for tok, r in zip(tokens, recs)]
     after_save = _memory({})
-    warm = s["warmup"]
-    phases = clock.ms_per_step(recs[warm - 1]["time"], len(recs) - warm) if 0 < warm < len(recs) else {}
+    phases = clock.per_step(s["warmup"])
     return {"losses": [r["loss"] for r in recs], "step_s": step_s, "tokens": tokens, **at_end,
             "ru_maxrss_with_save_mib": after_save["ru_maxrss_mib"], "phases_ms": phases}
 
@@ -321,14 +331,13 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
     # Trainer's batch size is 1 and the collator unwraps the row, so every trainer sees exactly our batches.
     # (TRL requires a datasets.Dataset.)
     rows = Dataset.from_list([{k: v.tolist() for k, v in b.items()} for b in batches]).with_format("torch")
-    losses, step_end, step_end_wall, seen_tokens = [], [], [], []
+    losses, step_end, seen_tokens = [], [], []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_end.append(time.perf_counter())
-            step_end_wall.append(time.time())
 
     # The same phases as ours (the lm_heads run inside the forwards here: full [B, T, V] logits)
     clock = PhaseClock()
@@ -384,8 +393,7 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
 
     step_s = [b - a for a, b in zip([start] + step_end[:-1], step_end)]
     tokens = seen_tokens
-    warm = s["warmup"]
-    phases = clock.ms_per_step(step_end_wall[warm - 1], len(step_end) - warm) if 0 < warm < len(step_end) else {}
+    phases = clock.per_step(s["warmup"])
     return _memory({"losses": losses, "step_s": step_s, "tokens": tokens, "phases_ms": phases,
                     "versions": ", ".join(x for x in (version, f"transformers {transformers.__version__}") if x)})
 
@@ -519,17 +527,24 @@ def summarize(res: dict, warmup: int) -> dict:
 PHASES = ("generation", "teacher forward", "student forward", "loss", "backward", "optimizer")
 
 
-def print_phases(results: dict, warmup: int) -> None:
-    """ms per step after the warmup, by phase (PhaseClock); `other`: the rest of the step (data, batch
-    building, gradient clipping, zero_grad, logging)."""
+def print_phases(results: dict, warmup: int, tokens_after_warmup: dict) -> None:
+    """ms per step after the warmup, by phase (PhaseClock), wall and process CPU time; `other`: the rest of the
+    step (data, batch building, gradient clipping, zero_grad, logging)."""
     if not results:
         return
-    print(f"\n{'ms per step':<16}" + "".join(f"{name:>10}" for name in results))
-    steps = {name: 1000 * sum(r["step_s"][warmup:]) / len(r["step_s"][warmup:]) for name, r in results.items()}
-    for phase in PHASES:
-        print(f"{phase:<16}" + "".join(f"{r['phases_ms'].get(phase, 0.0):>10.0f}" for r in results.values()))
-    print(f"{'other':<16}" + "".join(f"{steps[n] - sum(r['phases_ms'].values()):>10.0f}" for n, r in results.items()))
-    print(f"{'whole step':<16}" + "".join(f"{steps[n]:>10.0f}" for n in results))
+    names = list(results)
+    print(f"\n{'ms per step':<16}" + "".join(f"{n + ' wall':>14}" for n in names) + "".join(f"{n + ' cpu':>14}" for n in names))
+    for phase in (*PHASES, "other", "step"):
+        cells = []
+        for clock in ("wall", "cpu"):
+            for n in names:
+                ms = results[n]["phases_ms"][clock]
+                value = ms["step"] - sum(v for k, v in ms.items() if k != "step") if phase == "other" else ms.get(phase, 0.0)
+                cells.append(f"{value:>14.0f}")
+        print(f"{'whole step' if phase == 'step' else phase:<16}" + "".join(cells))
+    print("tokens per CPU second: " + ", ".join(
+        f"{n} {tokens_after_warmup[n] / (len(results[n]['tokens']) - warmup) / results[n]['phases_ms']['cpu']['step'] * 1000:.1f}"
+        for n in names))
 
 
 def main():
@@ -619,7 +634,8 @@ def main():
     print("peak RSS: the trainer process's ru_maxrss when training ends (ours: before its final checkpoint, "
           f"{base['ru_maxrss_with_save_mib']:.0f} MiB after it)" if base else "peak RSS: ru_maxrss at the end")
     print("tree peak: RSS of the process tree sampled every 0.1 s over the whole run (startup and ours' save included)")
-    print_phases({name: res for name, (res, _, _) in rows.items() if res and res.get("phases_ms")}, args.warmup)
+    timed = {name: res for name, (res, _, _) in rows.items() if res and res.get("phases_ms")}
+    print_phases(timed, args.warmup, {name: sum(res["tokens"][args.warmup:]) for name, res in timed.items()})
     (work / "summary.json").write_text(json.dumps({k: {"result": v[0], "why": v[1], "peak_tree_rss_mib": v[2]}
                                                    for k, v in rows.items()}, indent=1))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BLOCK = 256
+BLOCK = 128  # divides Qwen2's 151,936 rows (and any multiple of 128): no padded copy
 
 
 def draw_rows(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def draw_rows(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     which the running sum of row b first exceeds ``uniforms[b] * weights[b].sum()``; ``weights`` ``[B, V]``
     (each row with a positive entry), ``uniforms`` ``[B]`` in [0, 1)."""
     rows, vocab = weights.shape
-    blocks = F.pad(weights, (0, (-vocab) % BLOCK)).view(rows, -1, BLOCK)
+    blocks = (F.pad(weights, (0, -vocab % BLOCK)) if vocab % BLOCK else weights).reshape(rows, -1, BLOCK)
     running = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                     # [B, blocks]
     # u < 1 keeps u * total strictly below the total (IEEE rounding to nearest): the block found has a positive sum
     target = uniforms.to(running).view(rows, 1) * running[:, -1:]
