@@ -28,6 +28,9 @@ sample up to its last assistant turn) with the student and distils on prompt + c
 temperature 0.9, KV cache); both sample at temperature 0.9. hf_kd has no generation and is left out. The
 tokens of a step are then those of the generated rows (prompt + completion), as each trainer saw them;
 the losses differ after step 1's sampling (other RNGs), the work per step is the same up to early stops.
+Also printed: ms per step by phase (generation, teacher forward, student forward, loss, backward, optimizer,
+other; PhaseClock), in wall and process CPU time. On the shared 2-core machine run it with OMP_NUM_THREADS=1
+(the stages inherit it): two threads per trainer there measure thread contention more than the work.
 
 Peers live in a throwaway virtual environment (--peers-venv, default /tmp/taid-peers-venv), never in the
 project's: created when missing with `python -m venv --system-site-packages`, plus a .pth file that puts
