@@ -28,6 +28,9 @@ sample up to its last assistant turn) with the student and distils on prompt + c
 temperature 0.9, KV cache); both sample at temperature 0.9. hf_kd has no generation and is left out. The
 tokens of a step are then those of the generated rows (prompt + completion), as each trainer saw them;
 the losses differ after step 1's sampling (other RNGs), the work per step is the same up to early stops.
+Also printed: ms per step by phase (generation, teacher forward, student forward, loss, backward, optimizer,
+other; PhaseClock), in wall and process CPU time. On the shared 2-core machine run it with OMP_NUM_THREADS=1
+(the stages inherit it): two threads per trainer there measure thread contention more than the work.
 
 Peers live in a throwaway virtual environment (--peers-venv, default /tmp/taid-peers-venv), never in the
 project's: created when missing with `python -m venv --system-site-packages`, plus a .pth file that puts
@@ -196,6 +199,60 @@ def _memory(result: dict) -> dict:
     return result
 
 
+class PhaseClock:
+    """Wall and CPU time (the process's, so a loaded machine inflates it less: one BLAS thread) of the phases of
+    a step (generation, forwards, loss, backward, optimizer), from wrappers around the functions that run
+    them; only the outermost open phase counts (the student's forwards inside generation are generation).
+    A step ends when its optimizer step does (torch's global optimizer hooks: every trainer alike)."""
+
+    def __init__(self):
+        self.events: list = []      # (phase, wall start, wall s, cpu s)
+        self.step_ends: list = []   # (wall, cpu) after each optimizer step
+        self.open = 0
+
+    def timed(self, fn, phase: str):
+        import functools
+
+        @functools.wraps(fn)
+        def run(*a, **k):
+            wall, cpu, self.open = time.time(), time.process_time(), self.open + 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.open -= 1
+                if self.open == 0:
+                    self.events.append((phase, wall, time.time() - wall, time.process_time() - cpu))
+        return run
+
+    def wrap(self, owner, attr: str, phase: str, static: bool = False) -> None:
+        run = self.timed(getattr(owner, attr), phase)
+        setattr(owner, attr, staticmethod(run) if static else run)
+
+    def optimizer_hooks(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        started = []
+        register_optimizer_step_pre_hook(lambda *a: started.append((time.time(), time.process_time())))
+
+        def ended(*a):
+            (wall, cpu), now = started.pop(), (time.time(), time.process_time())
+            self.events.append(("optimizer", wall, now[0] - wall, now[1] - cpu))
+            self.step_ends.append(now)
+        register_optimizer_step_post_hook(ended)
+
+    def per_step(self, warmup: int) -> dict:
+        """ms per step after the warmup: {"wall": {phase: ms, "step": ms}, "cpu": {...}}."""
+        if not 0 < warmup < len(self.step_ends):
+            return {}
+        steps, (wall0, cpu0), (wall1, cpu1) = len(self.step_ends) - warmup, self.step_ends[warmup - 1], self.step_ends[-1]
+        out = {"wall": {"step": 1000 * (wall1 - wall0) / steps}, "cpu": {"step": 1000 * (cpu1 - cpu0) / steps}}
+        for phase, start, wall, cpu in self.events:
+            if start >= wall0:
+                out["wall"][phase] = out["wall"].get(phase, 0.0) + 1000 * wall / steps
+                out["cpu"][phase] = out["cpu"].get(phase, 0.0) + 1000 * cpu / steps
+        return out
+
+
 def stage_ours(work: Path, s: dict) -> dict:
     """`taid-vlm train` on the generated config; per-step times from its metrics.jsonl (log_every 1)."""
     import torch
@@ -216,7 +273,8 @@ def stage_ours(work: Path, s: dict) -> dict:
         return save_checkpoint(*a, **k)
 
     checkpoint.save_checkpoint = measured_save
-    rc = main(["train", str(work / "ours.yaml"), "--output-dir", str(out)])
+    clock = ours_phases()
+    rc = main(["train", str(work / "ours.yaml"), "--output-dir", str(out), "--overwrite"])
     if rc:
         raise RuntimeError(f"taid-vlm train exited with {rc}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -232,8 +290,29 @@ def stage_ours(work: Path, s: dict) -> dict:
                                f"{[r['supervised_tokens'] for r in recs]} vs {supervised}")
         step_s = [tok / r["tokens_per_s"] for tok, r in zip(tokens, recs)]
     after_save = _memory({})
+    phases = clock.per_step(s["warmup"])
     return {"losses": [r["loss"] for r in recs], "step_s": step_s, "tokens": tokens, **at_end,
-            "ru_maxrss_with_save_mib": after_save["ru_maxrss_mib"]}
+            "ru_maxrss_with_save_mib": after_save["ru_maxrss_mib"], "phases_ms": phases}
+
+
+def ours_phases() -> PhaseClock:
+    """Our step's phases: generation; the teacher's trunk (its lm_head runs inside the chunked loss); the
+    student's trunk; the chunked loss (both lm_heads, forward); backward (the loss recomputes its chunks)."""
+    import deepspeed
+
+    from taid_vlm.losses.base import DistillationLoss
+    from taid_vlm.train import objective
+    from taid_vlm.train.sampling import step_sampler
+    from taid_vlm.train.teacher import Teacher
+
+    clock = PhaseClock()
+    clock.wrap(step_sampler, "generate_completions", "generation")
+    clock.wrap(Teacher, "hidden", "teacher forward")
+    clock.wrap(objective, "hidden_at", "student forward")
+    clock.wrap(DistillationLoss, "fused", "loss")
+    clock.wrap(deepspeed.DeepSpeedEngine, "backward", "backward")
+    clock.optimizer_hooks()
+    return clock
 
 
 def _peer_run(work: Path, s: dict, kind: str) -> dict:
@@ -263,6 +342,12 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_end.append(time.perf_counter())
+
+    # The same phases as ours (the lm_heads run inside the forwards here: full [B, T, V] logits)
+    clock = PhaseClock()
+    clock.wrap(student, "forward", "student forward")
+    clock.wrap(teacher, "forward", "teacher forward")
+    clock.optimizer_hooks()
 
     common = dict(output_dir=str(work / f"{kind}_run"), per_device_train_batch_size=1, max_steps=s["steps"],
                   learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
@@ -295,6 +380,8 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
         args = GKDConfig(**common, beta=0.0, seq_kd=False, max_length=s["seq"], disable_dropout=True, **on_policy)
         trainer = recorded(GKDTrainer)(model=student, teacher_model=teacher, args=args, data_collator=unwrap,
                                        train_dataset=rows, processing_class=tok, callbacks=[StepClock()])
+        clock.wrap(GKDTrainer, "generate_on_policy_outputs", "generation", static=True)
+        clock.wrap(GKDTrainer, "generalized_jsd_loss", "loss", static=True)
         version = f"trl {trl.__version__}"
     else:
         from transformers import TrainingArguments
@@ -303,13 +390,15 @@ def _peer_run(work: Path, s: dict, kind: str) -> dict:
                                       train_dataset=rows, processing_class=tok, callbacks=[StepClock()])
         trainer.teacher_model = trainer.accelerator.prepare_model(teacher, evaluation_mode=True)
         version = None
+    clock.wrap(trainer.accelerator, "backward", "backward")
     start = time.perf_counter()
     trainer.train()
     import transformers
 
     step_s = [b - a for a, b in zip([start] + step_end[:-1], step_end)]
     tokens = seen_tokens
-    return _memory({"losses": losses, "step_s": step_s, "tokens": tokens,
+    phases = clock.per_step(s["warmup"])
+    return _memory({"losses": losses, "step_s": step_s, "tokens": tokens, "phases_ms": phases,
                     "versions": ", ".join(x for x in (version, f"transformers {transformers.__version__}") if x)})
 
 
@@ -439,6 +528,29 @@ def summarize(res: dict, warmup: int) -> dict:
     return {"tokens_per_s": sum(tok) / sum(sec), "step_s_median": statistics.median(sec)}
 
 
+PHASES = ("generation", "teacher forward", "student forward", "loss", "backward", "optimizer")
+
+
+def print_phases(results: dict, warmup: int, tokens_after_warmup: dict) -> None:
+    """ms per step after the warmup, by phase (PhaseClock), wall and process CPU time; `other`: the rest of the
+    step (data, batch building, gradient clipping, zero_grad, logging)."""
+    if not results:
+        return
+    names = list(results)
+    print(f"\n{'ms per step':<16}" + "".join(f"{n + ' wall':>14}" for n in names) + "".join(f"{n + ' cpu':>14}" for n in names))
+    for phase in (*PHASES, "other", "step"):
+        cells = []
+        for clock in ("wall", "cpu"):
+            for n in names:
+                ms = results[n]["phases_ms"][clock]
+                value = ms["step"] - sum(v for k, v in ms.items() if k != "step") if phase == "other" else ms.get(phase, 0.0)
+                cells.append(f"{value:>14.0f}")
+        print(f"{'whole step' if phase == 'step' else phase:<16}" + "".join(cells))
+    print("tokens per CPU second: " + ", ".join(
+        f"{n} {tokens_after_warmup[n] / (len(results[n]['tokens']) - warmup) / results[n]['phases_ms']['cpu']['step'] * 1000:.1f}"
+        for n in names))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
@@ -478,7 +590,7 @@ def main():
         "pack": gpu or args.pack, "data": args.data, "samples": max(2_000, args.steps * (args.micro_batch or 4) * 40),
         "loss": args.loss, "lr": 1e-5 if gpu else 1e-4,
         "precision": "bf16" if gpu else "fp32", "model_dtype": "bfloat16" if gpu else "float32", "grad_ckpt": False,
-        "on_policy": args.on_policy,
+        "on_policy": args.on_policy, "warmup": args.warmup,
     }
     (work / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"work folder {work}; load average {os.getloadavg()}", flush=True)
@@ -526,6 +638,8 @@ def main():
     print("peak RSS: the trainer process's ru_maxrss when training ends (ours: before its final checkpoint, "
           f"{base['ru_maxrss_with_save_mib']:.0f} MiB after it)" if base else "peak RSS: ru_maxrss at the end")
     print("tree peak: RSS of the process tree sampled every 0.1 s over the whole run (startup and ours' save included)")
+    timed = {name: res for name, (res, _, _) in rows.items() if res and res.get("phases_ms")}
+    print_phases(timed, args.warmup, {name: sum(res["tokens"][args.warmup:]) for name, res in timed.items()})
     (work / "summary.json").write_text(json.dumps({k: {"result": v[0], "why": v[1], "peak_tree_rss_mib": v[2]}
                                                    for k, v in rows.items()}, indent=1))
 

@@ -9,11 +9,12 @@ import hashlib
 from typing import Iterator, Optional, Sequence
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig, LogitsProcessor, TopPLogitsWarper
 
 from taid_vlm.config import SamplingConfig
 
 from .completions import cut_completion, left_padded
+from .draw import draw_rows, softmax_weights
 
 
 def generation_seed(seed: int, index: int) -> int:
@@ -23,21 +24,24 @@ def generation_seed(seed: int, index: int) -> int:
 
 
 class RowSeededSampler(LogitsProcessor):
-    """Temperature and top-p, then one draw per row from that row's generator; returns scores that leave
-    only the drawn token finite, so `generate` in greedy mode takes it (generate itself has one RNG for
-    the whole batch)."""
+    """Temperature and top-p (Hugging Face's warpers' order), then one draw per row by inverse CDF from one
+    uniform number of that row's generator (draw.py); returns scores that leave only the drawn token
+    finite, so `generate` in greedy mode takes it (generate itself has one RNG for the whole batch)."""
 
     def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float):
         self.generators = list(generators)
-        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        self.temperature = float(temperature)
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None  # top_p 1: a no-op, and its sort is not
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        for warp in self.warpers:
-            scores = warp(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, picks, 0.0)
+        scaled = scores.float() / self.temperature  # a new tensor: generate's own scores stay as they are
+        if self.top_p is not None:
+            scaled = self.top_p(input_ids, scaled)
+        weights = softmax_weights(scaled)
+        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device)
+                                for g in self.generators])
+        picks = draw_rows(weights, uniforms)
+        return weights.fill_(float("-inf")).scatter_(1, picks.unsqueeze(1), 0.0)
 
 
 def stop_token_ids(model) -> set:
