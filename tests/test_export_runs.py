@@ -33,12 +33,8 @@ STUDENT = {
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from data_tools.synth_shapes import synth
-
-    out = tmp_path_factory.mktemp("shapes")
-    synth(out, 80, seed=1, size=64, val_fraction=0.2)
-    return out
+def shapes(synthetic_shards) -> Path:
+    return synthetic_shards(80, seed=1, val_fraction=0.2)
 
 
 def val_samples(root: Path, n: int) -> list:

@@ -17,7 +17,7 @@ from taid_vlm.train.sampling.completions import prompts_of
 from taid_vlm.train.sampling.generation import generate_completions
 from taid_vlm.train.trainer import Trainer
 from tests.test_generation_metric import fit_answers
-from tests.test_trainer_recipe import config, one_process_group, small_text  # noqa: F401 (fixtures)
+from tests.test_trainer_recipe import config, small_text  # noqa: F401 (a fixture)
 from tests.train_helpers import evals
 
 N = 6

@@ -22,12 +22,8 @@ COMMON = ["train.total_steps=20", "train.micro_batch_size=2", "data.num_workers=
 
 
 @pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> Path:
-    from taid_vlm.data.synthetic import synth
-
-    out = tmp_path_factory.mktemp("shapes_text")
-    synth(out, 48, seed=0, val_fraction=0.25, text_only=True)
-    return out
+def chat_data(synthetic_shards) -> Path:
+    return synthetic_shards(48, val_fraction=0.25, text_only=True)
 
 
 def _final_eval(root: Path, name: str, data: Path, nproc: int, *extra: str) -> dict:

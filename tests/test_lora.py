@@ -12,7 +12,7 @@ import torch
 from taid_vlm.models import build_model
 from taid_vlm.models.lora import merge_for_export
 from tests.models_helpers import load_cfg, with_changes
-from tests.test_trainer_recipe import config, one_process_group  # noqa: F401 (a fixture)
+from tests.test_trainer_recipe import config
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 

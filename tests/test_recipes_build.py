@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -26,7 +25,8 @@ from taid_vlm.models import build_model
 from models_helpers import interleaved_batch
 from test_hf_recipes import RECIPES as HF_FAMILY_RECIPES  # built there, with tiny models of their HF family
 
-pytestmark = pytest.mark.slow
+# The trainer runs in this process: one_process_group (conftest) restores the environment after the module.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_process_group")]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FILES = sorted(p for p in CONFIGS.rglob("*") if p.is_file())
@@ -186,25 +186,9 @@ def _replace_paths(node, root: Path):
 # ---- data ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Dict[str, Path]:
-    from data_tools.synth_shapes import synth
-
-    out = {}
-    for kind, text_only in (("shapes", False), ("shapes_text", True)):
-        out[kind] = tmp_path_factory.mktemp(kind)
-        synth(out[kind], 48, seed=0, size=64, val_fraction=0.25, text_only=text_only)
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def leave_no_process_group():
-    """The trainer runs in this process: it sets RANK/MASTER_PORT and a gloo group. Undo both, or a later
-    test's `taid-vlm train` subprocess would inherit MASTER_PORT and collide with this process's store."""
-    before = dict(os.environ)
-    yield
-    # The gloo group of one stays: DeepSpeed caches it, so a destroyed group breaks the next in-process run.
-    os.environ.clear()
-    os.environ.update(before)
+def shards(synthetic_shards) -> Dict[str, Path]:
+    return {kind: synthetic_shards(48, val_fraction=0.25, text_only=text_only)
+            for kind, text_only in (("shapes", False), ("shapes_text", True))}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from taid_vlm.train.sampling.generation import generate_completions
 from taid_vlm.train.trainer import Trainer
-from tests.test_trainer_recipe import config, one_process_group, small_text  # noqa: F401 (fixtures)
+from tests.test_trainer_recipe import config, small_text  # noqa: F401 (a fixture)
 
 GENERATION = ["sampling.max_new_tokens=8", "sampling.do_sample=true", "sampling.temperature=1.3"]
 
@@ -66,12 +66,8 @@ def test_each_mode_trains_and_a_resumed_run_continues_the_same(small_text, tmp_p
 
 
 @pytest.fixture(scope="module")
-def small_shapes(tmp_path_factory):
-    from taid_vlm.data.synthetic import synth
-
-    out = tmp_path_factory.mktemp("shapes")
-    synth(out, 24, seed=0, val_fraction=0.25)
-    return out
+def small_shapes(synthetic_shards):
+    return synthetic_shards(24, val_fraction=0.25)
 
 
 @pytest.mark.slow

@@ -24,12 +24,8 @@ SEQ_KD = ["sampling.mode=on_policy", "sampling.seq_kd=true", "sampling.lmbda=0.5
 
 
 @pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    from taid_vlm.data.synthetic import synth
-
-    out = tmp_path_factory.mktemp("shapes_text")
-    synth(out, 60, seed=0, val_fraction=0.1, text_only=True)
-    return out / "train"
+def text_data(synthetic_shards) -> Path:
+    return synthetic_shards(60, val_fraction=0.1, text_only=True) / "train"
 
 
 def _train(root: Path, name: str, data: Path, nproc: int, *extra: str) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from taid_vlm.config import ConfigError, load_config
 from taid_vlm.train.trackers import flat_config, numeric_metrics, open_trackers
 from taid_vlm.train.trainer import Trainer
-from tests.test_trainer_recipe import config, one_process_group  # noqa: F401 (a fixture)
+from tests.test_trainer_recipe import config
 from tests.tracker_helpers import MlflowServer, tensorboard_scalars, wandb_history, wandb_runs
 from tests.train_helpers import CONFIGS, evals, records, step_losses
 

@@ -20,12 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from data_tools.synth_shapes import synth
-
-    out = tmp_path_factory.mktemp("shapes")
-    synth(out, 240, seed=0, size=64, val_fraction=0.15)
-    return out
+def shapes(synthetic_shards) -> Path:
+    return synthetic_shards(240, val_fraction=0.15)
 
 
 def data_overrides(root: Path) -> list[str]:
@@ -87,13 +83,23 @@ def test_text_only_run_and_export_loads_in_transformers(shapes_text, tmp_path):
 LAUNCH = ["train.total_steps=6", "train.micro_batch_size=2", "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
 
 
-def test_two_process_launcher_zero2_zero3_and_sharded_teacher_match_and_share_t(shapes, tmp_path):
-    runs = {}
+@pytest.fixture(scope="module")
+def zero3_run(shapes, tmp_path_factory) -> Path:
+    """2 processes, ZeRO-3 student and teacher, the whole val split evaluated at the end: the launcher test's
+    ZeRO-3 run and the export test's checkpoint (one run serving both)."""
+    out = tmp_path_factory.mktemp("two_process") / "zero3"
+    run(train_cmd("tiny_vlm.yaml", out, *data_overrides(shapes), *LAUNCH, "deepspeed.zero_stage=3",
+                  "teacher.placement=zero3", "train.eval_batches=0", nproc=2))
+    return out
+
+
+def test_two_process_launcher_zero2_zero3_and_sharded_teacher_match_and_share_t(shapes, zero3_run, tmp_path):
+    runs = {3: zero3_run}
     # ZeRO-0 reference; ZeRO-2 student; ZeRO-3 student with the teacher sharded by ZeRO-3 as well.
-    for stage, placement in ((0, "replicated"), (2, "replicated"), (3, "zero3")):
+    for stage in (0, 2):
         out = tmp_path / f"zero{stage}"
         run(train_cmd("tiny_vlm.yaml", out, *data_overrides(shapes), *LAUNCH, f"deepspeed.zero_stage={stage}",
-                      f"teacher.placement={placement}", "train.eval_batches=2", nproc=2))
+                      "teacher.placement=replicated", "train.eval_batches=2", nproc=2))
         runs[stage] = out
     reference = step_losses(runs[0])
     assert sorted(reference) == list(range(1, 7))
@@ -106,22 +112,20 @@ def test_two_process_launcher_zero2_zero3_and_sharded_teacher_match_and_share_t(
         t1 = torch.load(final / "rank_00001.pt", weights_only=False)["schedule"]
         assert t0 == t1 and t0["t"] > 0.4
     # Against one process (micro-batch 4: the same 4 samples per step, split differently over ranks and
-    # shuffled per rank, so the trajectories agree statistically, not step by step).
+    # shuffled per rank, so the trajectories agree statistically, not step by step); both evaluate all of val.
     single = tmp_path / "single"
-    run(train_cmd("tiny_vlm.yaml", single, *data_overrides(shapes), "train.total_steps=6", "train.eval_batches=2"))
+    run(train_cmd("tiny_vlm.yaml", single, *data_overrides(shapes), "train.total_steps=6", "train.eval_batches=0"))
     one = step_losses(single)
     assert sum(one.values()) / 6 == pytest.approx(sum(reference.values()) / 6, rel=0.25)
     assert evals(single)[6]["eval_kl"] == pytest.approx(evals(runs[3])[6]["eval_kl"], rel=0.25)
 
 
-def test_zero3_export_reproduces_the_student_eval(shapes, tmp_path):
+def test_zero3_export_reproduces_the_student_eval(shapes, zero3_run, tmp_path):
     """2-process ZeRO-3 checkpoint -> consolidated export -> the same held-out student CE."""
     from taid_vlm.data import build_loader
     from taid_vlm.models import load_model
 
-    out = tmp_path / "z3"
-    run(train_cmd("tiny_vlm.yaml", out, *data_overrides(shapes), *LAUNCH, "deepspeed.zero_stage=3",
-                  "train.eval_batches=0", nproc=2))
+    out = zero3_run
     export = tmp_path / "export"
     run([str(Path(os.sys.executable).parent / "taid-vlm"), "export", str(out), str(export)])
     student = load_model(export).eval()

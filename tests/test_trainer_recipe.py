@@ -5,7 +5,6 @@ the same evaluation numbers."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -18,23 +17,8 @@ from tests.train_helpers import CONFIGS, records
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    from taid_vlm.data.synthetic import synth
-
-    out = tmp_path_factory.mktemp("shapes_text")
-    synth(out, 120, seed=0, val_fraction=0.2, text_only=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def one_process_group():
-    """The trainer starts a world of one; restore the environment (RANK, MASTER_PORT ...) and tear the
-    group down afterwards so later tests and their subprocesses see a clean process."""
-    saved = dict(os.environ)
-    yield
-    # The gloo group of one stays: DeepSpeed caches it, so a destroyed group breaks the next in-process run.
-    os.environ.clear()
-    os.environ.update(saved)
+def small_text(synthetic_shards):
+    return synthetic_shards(120, val_fraction=0.2, text_only=True)
 
 
 def config(data, out, *overrides):

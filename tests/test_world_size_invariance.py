@@ -32,12 +32,8 @@ COMMON = [f"train.total_steps={STEPS}", "train.save_every=2", "train.keep_last=3
 
 
 @pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    from data_tools.synth_shapes import synth
-
-    out = tmp_path_factory.mktemp("shapes_text")
-    synth(out, 120, seed=0, val_fraction=0.1, text_only=True)
-    return out / "train"
+def text_data(synthetic_shards) -> Path:
+    return synthetic_shards(120, val_fraction=0.1, text_only=True) / "train"
 
 
 def _train(out: Path, data: Path, stage: int, nproc: int, grad_accum: int, *extra: str) -> Path:

@@ -26,6 +26,7 @@ from taid_vlm.errors import UserError
 from taid_vlm.folders import DestinationError, check_destination, staged_folder
 
 from .checkpoint import resolve_checkpoint
+from .launch_env import import_deepspeed
 
 log = logging.getLogger("taid_vlm.export")
 
@@ -167,6 +168,7 @@ def export_student(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> 
     except DestinationError as e:
         raise ExportError(str(e)) from None
     student, checkpoint = load_student(checkpoint)
+    import_deepspeed()  # save_pretrained imports deepspeed (accelerate's unwrap): without its mlflow import
     fmt = write_student(student, out_dir, overwrite, protect=(checkpoint,))
     log.info("exported the student of %s to %s (%s format)", checkpoint, out_dir, fmt)
     return out_dir
