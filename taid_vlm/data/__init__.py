@@ -63,14 +63,19 @@ pass (each sample once over all ranks and workers; ranks may get different numbe
 from .align import align_labels, loss_positions
 from .collate import collate, collate_packed
 from .formats import DEFAULT_CAPTION_INSTRUCTION, IMAGE_MARKER
-from .pipeline import Loader, NoUsableSampleError, SampleStream, build_loader, read_shard
+from .factory import build_loader
+from .loader import Loader
+from .prepare import Prepared, Preparer
+from .shard_index import ShardIndex, build_index, load_indexes, write_index
+from .shard_io import read_shard
+from .stream import SampleStream
 from .render import IGNORE_INDEX, Rendered, Renderer, check_spec
 from .samples import Sample, decode_sample
 from .shards import expand_shards
-from .skips import SampleError, SkipCounter
+from .skips import NoUsableSampleError, SampleError, SkipCounter
 
 __all__ = [
     "build_loader", "Loader", "NoUsableSampleError", "SampleStream", "read_shard", "expand_shards", "Sample", "decode_sample",
     "Renderer", "Rendered", "check_spec", "align_labels", "loss_positions", "collate", "collate_packed",
-    "SampleError", "SkipCounter", "IMAGE_MARKER", "DEFAULT_CAPTION_INSTRUCTION", "IGNORE_INDEX",
+    "SampleError", "SkipCounter", "Prepared", "Preparer", "ShardIndex", "build_index", "load_indexes", "write_index", "IMAGE_MARKER", "DEFAULT_CAPTION_INSTRUCTION", "IGNORE_INDEX",
 ]

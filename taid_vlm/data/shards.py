@@ -21,14 +21,14 @@ ShardSpec = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 
 
-def _is_remote(s: str) -> bool:
+def is_remote(s: str) -> bool:
     return s.startswith(_REMOTE_PREFIXES)
 
 
 def _expand_one(item: str) -> List[str]:
     out: List[str] = []
     for s in braceexpand.braceexpand(item):
-        if _is_remote(s):
+        if is_remote(s):
             out.append(s)
         elif os.path.isdir(s):
             found = sorted(str(p) for p in Path(s).rglob("*.tar"))

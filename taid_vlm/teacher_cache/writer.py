@@ -34,7 +34,7 @@ import torch
 
 from taid_vlm.data.collate import collate
 from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
-from taid_vlm.data.pipeline import read_shard
+from taid_vlm.data.shard_io import read_shard
 from taid_vlm.data.render import IGNORE_INDEX, Renderer, pad_token_id
 from taid_vlm.data.samples import decode_sample
 from taid_vlm.data.shards import expand_shards
