@@ -8,7 +8,7 @@ stat per shard; shards without an up-to-date index are indexed now), and wires s
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 from ..spec import InputSpec
 from .formats import DEFAULT_CAPTION_INSTRUCTION
@@ -62,7 +62,7 @@ def build_loader(
                               seed=seed, rank=rank, world_size=world_size, pack=pack, shuffle_buffer=shuffle_buffer,
                               pad_to_multiple_of=pad_to_multiple_of)
     _check_settings(settings, text_only)
-    paths = expand_shards(shards)
+    paths, sources = _expand(shards)
     companion_paths = None
     if companion is not None:
         if teacher_spec is not None:
@@ -72,9 +72,33 @@ def build_loader(
     indexes = load_indexes(paths, write=rank == 0)
     preparer = Preparer(student_spec, teacher_spec, max_length=max_length, caption_instruction=caption_instruction,
                         text_only=text_only, companion=companion)
-    stream = SampleStream(paths, indexes, preparer, settings, companion_paths)
+    if sources:
+        for k, (first, n, _) in enumerate(sources):
+            if not sum(ix.samples for ix in indexes[first:first + n]):
+                raise ValueError(f"data source {k} ({paths[first]} ...) has no readable sample in {n} shard(s)")
+    stream = SampleStream(paths, indexes, preparer, settings, companion_paths, sources)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                   multiprocessing_context=multiprocessing_context)
+
+
+def _expand(shards) -> Tuple[List[str], Optional[List[Tuple[int, int, float]]]]:
+    """A shard spec -> (paths, None); a list of sources ``{"shards": spec, "weight": w}`` -> (all their
+    paths, (first path, number of paths, weight) per source)."""
+    if not (isinstance(shards, (list, tuple)) and shards and all(isinstance(x, dict) for x in shards)):
+        return expand_shards(shards), None
+    paths: List[str] = []
+    sources = []
+    for k, src in enumerate(shards):
+        unknown = set(src) - {"shards", "weight"}
+        if "shards" not in src or unknown:
+            raise ValueError(f"data source {k}: needs 'shards' (and optionally 'weight'), got keys {sorted(src)}")
+        weight = float(src.get("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"data source {k} ({src['shards']}): weight must be > 0, got {src.get('weight')}")
+        mine = expand_shards(src["shards"])
+        sources.append((len(paths), len(mine), weight))
+        paths += mine
+    return paths, sources
 
 
 def _check_settings(st: StreamSettings, text_only: bool) -> None:

@@ -109,8 +109,11 @@ class Loader:
     def _order_key(self) -> dict:
         """What defines the global sample order: resuming needs all of it unchanged."""
         st = self.stream
-        return {"seed": st.seed, "shards": len(st.shards), "shuffle_buffer": st.shuffle_buffer,
-                "samples": st.order.per_round}
+        key = {"seed": st.seed, "shards": len(st.shards), "shuffle_buffer": st.shuffle_buffer,
+               "samples": st.order.per_round}
+        if st.sources:
+            key["sources"] = [[n, w] for _, n, w in st.sources]
+        return key
 
     def load_state_dict(self, sd: dict) -> None:
         """Train: a state written by ANY rank, world size or worker count continues the same global

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .eval_order import iter_eval
 from .global_order import Layout, RawOrder
+from .mixture import MixedOrder
 from .prepare import Preparer
 from .sample_reader import SampleReader
 from .shard_index import ShardIndex
@@ -44,8 +45,10 @@ class SampleStream(IterableDataset):
     item of a finite (eval) stream is ``{"_end": True, "_meta": ...}``."""
 
     def __init__(self, shards: List[str], indexes: List[ShardIndex], preparer: Preparer, settings: StreamSettings,
-                 companion_paths: Optional[Dict[str, str]] = None):
+                 companion_paths: Optional[Dict[str, str]] = None, sources: Optional[List[Tuple[int, int, float]]] = None):
+        """``sources``: a weighted mixture (mixture.py) as (first shard, number of shards, weight) each."""
         super().__init__()
+        self.sources = sources
         self.shards, self.indexes, self.prepare, self.settings = shards, indexes, preparer, settings
         self.companion_paths = companion_paths
         self.mode, self.seed, self.rank = settings.mode, settings.seed, settings.rank
@@ -55,9 +58,14 @@ class SampleStream(IterableDataset):
         self.resume: Dict[Any, Any] = {}  # train: the global position; eval: per-worker positions
 
     @property
-    def order(self) -> RawOrder:
-        return RawOrder(self.seed, self.shuffle_buffer, [ix.samples for ix in self.indexes],
-                        [ix.errors for ix in self.indexes])
+    def order(self):
+        """The global order: a RawOrder over all shards, or a MixedOrder over the sources' own orders."""
+        if not self.sources:
+            return RawOrder(self.seed, self.shuffle_buffer, [ix.samples for ix in self.indexes],
+                            [ix.errors for ix in self.indexes])
+        own = [(RawOrder(f"{self.seed}:{k}", self.shuffle_buffer, [ix.samples for ix in self.indexes[a:a + n]],
+                         [ix.errors for ix in self.indexes[a:a + n]]), a, w) for k, (a, n, w) in enumerate(self.sources)]
+        return MixedOrder(self.seed, own)
 
     def reader(self, companion_skips: Optional[SkipCounter] = None) -> SampleReader:
         return SampleReader(self.indexes, self.companion_paths, companion_skips)

@@ -1,0 +1,71 @@
+"""Weighted mixtures (taid_vlm/data/mixture.py): measured shares match the weights, the mixture is part of
+the one global order (the same samples per step on every layout, resumable), a plain spec is unchanged."""
+
+from collections import Counter
+
+import pytest
+
+from data_helpers import text_spec, write_tar
+from taid_vlm.data import build_loader
+from taid_vlm.data.global_order import RawOrder
+from taid_vlm.data.mixture import MixedOrder, largest_remainder
+from test_data_index import _doc
+
+
+def test_largest_remainder_shares():
+    assert largest_remainder([0.5, 0.3, 0.2], 1000) == [500, 300, 200]
+    assert largest_remainder([1, 1, 1], 1000) == [334, 333, 333]
+    assert sum(largest_remainder([0.013, 7, 2.5], 1000)) == 1000
+
+
+def test_shares_over_ten_thousand_samples_are_within_one_percent_of_the_weights():
+    weights = [0.6, 0.3, 0.1]
+    sources = [(RawOrder(f"0:{k}", 100, [37 + 11 * k] * (3 + k)), 10 * k, w) for k, w in enumerate(weights)]
+    order = MixedOrder(0, sources)
+    seen = Counter(order.source_of(i)[0] for i in range(10_000))
+    for k, w in enumerate(weights):
+        assert abs(seen[k] / 10_000 - w) < 0.01, (k, seen)
+    # each source walks its own order without gaps or repeats: its n-th use is its n-th sample
+    per_source = {k: [n for i in range(3000) for kk, n in [order.source_of(i)] if kk == k] for k in range(3)}
+    assert all(ns == list(range(len(ns))) for ns in per_source.values())
+
+
+def _sources(tmp_path):
+    a = [write_tar(tmp_path / f"a{s}.tar", [_doc(f"a{s}_{i}") for i in range(20)]) for s in range(3)]
+    b = [write_tar(tmp_path / f"b{s}.tar", [_doc(f"b{s}_{i}") for i in range(7)]) for s in range(2)]
+    return [{"shards": a, "weight": 3}, {"shards": b, "weight": 1}]
+
+
+def _steps(spec, tok, world, accum, workers, steps, state=None):
+    loaders = [build_loader(spec, text_spec(tok), mode="train", text_only=True, seed=5, rank=r, world_size=world,
+                            grad_accum=accum, num_workers=workers, batch_size=2, shuffle_buffer=8, max_length=64)
+               for r in range(world)]
+    for ld in loaders:
+        if state is not None:
+            ld.load_state_dict(state)
+    its = [iter(ld) for ld in loaders]
+    keys = [[k for it in its for _ in range(accum) for k in next(it)["keys"]] for _ in range(steps)]
+    return keys, loaders[0].state_dict()
+
+
+def test_a_mixture_gives_the_same_samples_per_step_on_every_layout_and_resumes(tmp_path, tiny_tokenizer):
+    spec = _sources(tmp_path)
+    runs = [_steps(spec, tiny_tokenizer, *layout, 30)[0] for layout in [(1, 4, 0), (2, 2, 2), (4, 1, 1)]]
+    assert runs[0] == runs[1] == runs[2]
+    flat = [k for step in runs[0] for k in step]
+    assert abs(sum(k.startswith("b") for k in flat) / len(flat) - 0.25) < 0.05  # 240 samples, weight 1 of 4
+    first, state = _steps(spec, tiny_tokenizer, 2, 2, 0, 12)
+    rest, _ = _steps(spec, tiny_tokenizer, 4, 1, 0, 18, state)  # resumed on another world size
+    assert first + rest == runs[0]
+
+
+def test_bad_sources_are_one_clear_error(tmp_path, tiny_tokenizer):
+    good = _sources(tmp_path)[0]["shards"]
+    with pytest.raises(ValueError, match="data source 1: needs 'shards'"):
+        build_loader([{"shards": good}, {"path": good}], text_spec(tiny_tokenizer), text_only=True)
+    with pytest.raises(ValueError, match="data source 0 .* weight must be > 0"):
+        build_loader([{"shards": good, "weight": 0}], text_spec(tiny_tokenizer), text_only=True)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="data source 1 .*empty.tar.* no readable sample"):
+        build_loader([{"shards": good}, {"shards": str(tmp_path / "empty.tar")}], text_spec(tiny_tokenizer),
+                     text_only=True)
