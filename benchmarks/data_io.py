@@ -2,6 +2,8 @@
 
   python benchmarks/data_io.py [--worlds 1 8 64] [--workers 4] [--shards 64] [--per-shard 100]
   PYTHONPATH=/path/to/old/checkout python benchmarks/data_io.py --worlds 1 8    # the same on another checkout
+  python benchmarks/data_io.py --startup 10000      # start-up time with 10,000 indexed shards
+  python benchmarks/data_io.py --shuffle-quality    # distinct shards per global batch of 64 (no data read)
 
 Writes ``--shards`` text shards of ``--per-shard`` samples of ~22 kB each (a short document plus a 22 kB
 ``bin`` member that the loader reads and ignores), then, for each world size W (8 ranks per node), runs the
@@ -83,6 +85,44 @@ def measure_rank(paths, tok, rank: int, world: int, workers: int, warm: int, ste
     return read, handed, cpu
 
 
+def startup(n: int, folder: Path) -> None:
+    """Seconds from build_loader to the first batch with ``n`` indexed shards (8 samples each)."""
+    from taid_vlm.data.shard_index import build_index, write_index
+
+    paths = sorted(str(p) for p in folder.glob("st-*.tar"))
+    if len(paths) != n:
+        paths = []
+        for s in range(n):
+            path = folder / f"st-{s:06d}.tar"
+            with wds.TarWriter(str(path), mtime=0) as w:
+                for i in range(8):
+                    w.write({"__key__": f"s{s}_{i}", "json": json.dumps({"text": f"doc {s} {i}"}).encode()})
+            paths.append(str(path))
+        t0 = time.perf_counter()
+        write_index([build_index(p) for p in paths])
+        print(f"indexed {n} shards in {time.perf_counter() - t0:.1f} s (data_tools.index_shards does the same)")
+    tok = build_tiny_tokenizer()
+    t0 = time.perf_counter()
+    loader = build_loader(str(folder / "st-*.tar"), InputSpec(tok), None, text_only=True, num_workers=0,
+                          batch_size=2, max_length=64)
+    t1 = time.perf_counter()
+    next(iter(loader))
+    t2 = time.perf_counter()
+    print(f"{n} indexed shards: build_loader {t1 - t0:.2f} s (expand + 1 summary + {n} stats), "
+          f"first batch {t2 - t1:.2f} s, total {t2 - t0:.2f} s")
+
+
+def shuffle_quality(K: int, batch: int = 64, batches: int = 2000) -> None:
+    """Distinct shards feeding one global batch of ``batch`` samples, from the order alone (global_order)."""
+    from taid_vlm.data.global_order import RawOrder
+
+    for per_shard, n_shards in [(100, 1000), (1000, 100)]:
+        order = RawOrder(0, K, [per_shard] * n_shards)
+        distinct = [len({order.locate(b * batch + i)[0] for i in range(batch)}) for b in range(batches)]
+        print(f"shuffle_buffer {K}, shards of {per_shard}: {sum(distinct) / batches:.1f} distinct shards per global "
+              f"batch of {batch} (min {min(distinct)}, max {max(distinct)}, over {batches} batches)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 8, 64])
@@ -94,9 +134,15 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3, help="micro-batches per worker before counting")
     ap.add_argument("--steps", type=int, default=8, help="micro-batches per worker counted")
     ap.add_argument("--data", help="reuse this shard folder (written if empty)")
+    ap.add_argument("--startup", type=int, help="only measure start-up with this many indexed shards")
+    ap.add_argument("--shuffle-quality", action="store_true", help="only count distinct shards per global batch")
     a = ap.parse_args()
+    if a.shuffle_quality:
+        return shuffle_quality(a.shuffle_buffer)
     folder = Path(a.data or tempfile.mkdtemp(prefix="data_io_"))
     folder.mkdir(parents=True, exist_ok=True)
+    if a.startup:
+        return startup(a.startup, folder)
     paths = sorted(str(p) for p in folder.glob("io-*.tar")) or write_shards(folder, a.shards, a.per_shard)
     sample_bytes = sum(os.path.getsize(p) for p in paths) / (len(paths) * a.per_shard)
     tok = build_tiny_tokenizer()
