@@ -161,3 +161,20 @@ def test_a_remote_shard_needs_its_index_next_to_it(tmp_path):
     url = f"pipe:cat {tmp_path}/x-000000.tar"
     with pytest.raises(StaleIndexError, match=r"remote shard pipe:cat .*x-000000.tar has no index.*index_shards"):
         load_indexes([url])
+
+
+def test_index_shards_tool_writes_verifies_and_names_a_mismatch(tmp_path, capsys):
+    from data_tools.index_shards import main
+
+    paths = _odd_shards(tmp_path)
+    assert main([str(tmp_path)]) == 0
+    assert f"indexed {len(paths)} shard(s), 37 samples, 4 read error(s)" in capsys.readouterr().out
+    assert main([str(tmp_path), "--verify"]) == 0
+    side = json.loads(open(paths[0] + ".idx").read())
+    side["ends"][3] += 512  # an index that no longer describes its tar
+    open(paths[0] + ".idx", "w").write(json.dumps(side))
+    assert main([str(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"MISMATCH {paths[0]}: index differs in ends" in out and "1 mismatch(es)" in out
+    assert main(["pipe:cat /nonexistent-x.tar"]) == 2
+    assert "error: " in capsys.readouterr().err

@@ -8,8 +8,11 @@ Entry point (the trainer calls only this)::
                           shuffle_buffer=1000, pad_to_multiple_of=None, grad_accum=1)
     for batch in loader: ...
 
-``shards``: brace pattern, folder, glob, comma-separated string or list (shards.py). A missing path or
-an empty spec raises at build time, naming the path. ``student_spec``/``teacher_spec`` are
+``shards``: brace pattern, folder, glob, comma-separated string or list (shards.py), or a weighted
+mixture ``[{"shards": spec, "weight": w}, ...]`` (mixture.py). A missing path or an empty spec raises at
+build time, naming the path. Shards are read through their index (``<shard>.idx`` + ``shards.index.json``,
+shard_index.py; written by data_tools.make_shards / data_tools.index_shards, built at start for local
+shards without one): each worker reads only its own samples' bytes. Files by job: docs/data_at_scale.md. ``student_spec``/``teacher_spec`` are
 ``taid_vlm.spec.InputSpec``s (the only thing this package knows about models); ``teacher_spec=None``
 gives batches without a ``"teacher"`` entry (SFT).
 

@@ -12,7 +12,7 @@ docs/data_at_scale.md); data shard bytes are read once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .prepare import COMPANION_FIELD, COMPANION_SKIP
 from .shard_index import ShardIndex, load_spans
@@ -99,8 +99,3 @@ class SampleReader:
             f.close()
         self._files.clear()
 
-
-def shard_samples(reader: SampleReader, s: int, js: List[int]):
-    """``(j, raw)`` for the given samples of shard ``s``, in the given order."""
-    for j in js:
-        yield j, reader.read(s, j)
