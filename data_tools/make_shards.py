@@ -174,7 +174,7 @@ def write_into(records: Iterable[Any], out: Path, prefix: str = "shard", maxcoun
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
     try:
-        report = write_shards(records, tmp, prefix, maxcount, maxsize)
+        report = write_shards(records, tmp, prefix, maxcount, maxsize, index=False)  # indexed once moved
         if report["written"] == 0:
             return report  # nothing replaced: the caller reports the error
         own = own_shard_pattern(prefix)
