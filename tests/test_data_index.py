@@ -95,6 +95,8 @@ def _keys_per_step(paths, tok, world, accum, workers, steps, batch=2, K=5, **kw)
             for _ in range(accum):
                 keys += next(it)["keys"]
         out.append(keys)
+    for it in its:
+        it.close()  # stops the DataLoader workers now (left to interpreter exit, they would hang it)
     return out, loaders
 
 
@@ -147,10 +149,15 @@ def test_startup_indexes_stale_shards_and_reads_one_summary(tmp_path, tiny_token
     load_indexes(paths)
     summary = json.loads((tmp_path / SUMMARY_NAME).read_text())["shards"]
     assert {k: v["samples"] for k, v in summary.items()} == {"s0.tar": 4, "s1.tar": 4, "s2.tar": 4}
+    loader = build_loader(paths, text_spec(tiny_tokenizer), mode="eval", text_only=True, num_workers=0, batch_size=4)
+    assert all(ix.spans is None for ix in loader.stream.indexes)  # from the summary: ranges come from the sidecars
+    assert [k for b in loader for k in b["keys"]] == [f"s{s}_{i}" for s in range(3) for i in range(4)]
     for p in paths:
         os.remove(p + ".idx")  # start-up needs the summary only
     caplog.clear()
     assert [ix.samples for ix in load_indexes(paths)] == [4, 4, 4] and "indexing" not in caplog.text
+    with pytest.raises(StaleIndexError, match=r"s0.tar is in shards.index.json but its index .*index_shards"):
+        list(build_loader(paths, text_spec(tiny_tokenizer), mode="eval", text_only=True, num_workers=0))
     write_tar(tmp_path / "s1.tar", [_doc(f"new_{i}") for i in range(6)])  # the shard changed: re-indexed, said
     os.utime(paths[1], ns=(1, 1))
     assert [ix.samples for ix in load_indexes(paths)] == [4, 6, 4]

@@ -45,6 +45,8 @@ def _steps(spec, tok, world, accum, workers, steps, state=None):
             ld.load_state_dict(state)
     its = [iter(ld) for ld in loaders]
     keys = [[k for it in its for _ in range(accum) for k in next(it)["keys"]] for _ in range(steps)]
+    for it in its:
+        it.close()  # stops the DataLoader workers now (left to interpreter exit, they would hang it)
     return keys, loaders[0].state_dict()
 
 

@@ -52,8 +52,8 @@ class SampleReader:
         self.indexes = indexes
         self.companion_paths = companion_paths
         self.companion_skips = companion_skips if companion_skips is not None else SkipCounter()
-        self._files = _Lru(8, close=lambda f: f.close())
-        self._spans = _Lru(32)
+        self._files = _Lru(16, close=lambda f: f.close())
+        self._spans = _Lru(256)  # a block of shuffle_buffer samples spans shuffle_buffer / shard size shards
         self._companions = _Lru(4)
 
     def _open(self, s: int):
@@ -68,7 +68,7 @@ class SampleReader:
         if spans is None:
             spans = self._spans.put(s, load_spans(ix, local_file(ix.path)))
         start, end = spans[j]
-        raw = read_range(self._open(s), ix.path, start, end)
+        raw = read_range(self._open(s), ix.path, int(start), int(end))
         if self.companion_paths is not None:
             self._pair(raw, ix.path, j)
         return raw

@@ -28,6 +28,8 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .shard_io import ErrorOnce, local_file, walk_shard
 from .shards import is_remote
 
@@ -159,14 +161,19 @@ def load_indexes(paths: Sequence[str], write: bool = True) -> List[ShardIndex]:
     return found
 
 
-def load_spans(ix: ShardIndex, local: str) -> List[Tuple[int, int]]:
-    """The per-sample byte ranges of one shard (its sidecar, checked against the file read)."""
+def load_spans(ix: ShardIndex, local: str):
+    """The per-sample byte ranges of one shard, ``[samples, 2]`` (its sidecar, checked against the file
+    read; numpy: a worker keeps many shards' ranges at 16 bytes a sample)."""
     if ix.spans is not None:
         return ix.spans
-    side = load_sidecar(ix.path)
+    try:
+        side = load_sidecar(ix.path)
+    except (OSError, ValueError) as e:
+        raise StaleIndexError(f"shard {ix.path} is in {SUMMARY_NAME} but its index {ix.path}{SIDECAR_SUFFIX} cannot be "
+                              f"read ({type(e).__name__}); rebuild with `{INDEX_COMMAND} {ix.path}`") from None
     size = os.path.getsize(local)
     if int(side["bytes"]) != size or int(side["samples"]) != ix.samples:
         raise StaleIndexError(f"shard {ix.path} has {size} bytes and its index {ix.path}{SIDECAR_SUFFIX} says "
                               f"{side['bytes']} bytes / {side['samples']} samples (summary: {ix.samples}): the "
                               f"shard changed since it was indexed; rebuild with `{INDEX_COMMAND} {ix.path}`")
-    return list(zip(side["starts"], side["ends"]))
+    return np.array([side["starts"], side["ends"]], dtype=np.int64).reshape(2, -1).T
