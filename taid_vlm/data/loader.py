@@ -11,8 +11,10 @@ Eval state: per worker ``{s, j}`` (same rank, world size, worker count, shards a
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
+import weakref
 from collections import Counter, deque
 from typing import Any, Dict, Iterator, Optional
 
@@ -30,6 +32,17 @@ TRAIN_STATE_VERSIONS = (2, 3)  # 2: the same plus a walker cursor, ignored
 
 def _identity(x):
     return x
+
+
+_LIVE_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with worker processes
+
+
+def _stop_live_workers() -> None:
+    """At interpreter exit, tell the workers of every DataLoader iterator still alive (one kept by a reference
+    cycle is collected late or never) to stop. Left to multiprocessing's own exit hook they would be SIGTERMed,
+    which they ignore (ignore_stop_signals), and waited for forever: the finished process hung."""
+    for it in list(_LIVE_WORKERS):
+        it._shutdown_workers()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -164,8 +177,13 @@ class Loader:
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context,
                   "worker_init_fn": ignore_stop_signals}
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                               pin_memory=self.pin_memory, **kw))
+        it = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                             pin_memory=self.pin_memory, **kw))
+        if self.num_workers > 0:
+            if not _LIVE_WORKERS:
+                atexit.register(_stop_live_workers)  # registered after multiprocessing's hook: runs before it
+            _LIVE_WORKERS.add(it)
+        return it
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         if self.stream.mode == "train":
