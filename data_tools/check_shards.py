@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
-from taid_vlm.data.pipeline import read_shard
+from taid_vlm.data.shard_io import read_shard
 from taid_vlm.data.samples import decode_sample
 from taid_vlm.data.shards import expand_shards
 from taid_vlm.data.skips import TOO_LONG, UNALIGNED, SampleError, SkipCounter

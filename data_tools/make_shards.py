@@ -13,7 +13,9 @@ Every sample is validated by the training loader's own code (taid_vlm.data.sampl
 image decode, a non-empty answer, one image per ``<image>`` marker) on the exact bytes written, so what
 make_shards writes, check_shards and the loader accept. Sample layout: one image as ``jpg`` (or its
 own extension), several as ``0.jpg``, ``1.png`` ...; the text as ``txt`` (captions) or ``json``.
-img2dataset output needs no conversion: the training pipeline reads it directly.
+img2dataset output needs no conversion: the training pipeline reads it directly (index it once with
+data_tools.index_shards). The shard index (``<shard>.idx`` + ``shards.index.json``) is written beside
+the shards.
 
 A non-empty ``--out`` is refused unless ``--overwrite``. With ``--overwrite`` the new shards are written
 into a temporary folder inside ``--out`` first; only when that succeeded are the old files named like
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from taid_vlm.data.samples import IMAGE_EXTS, decode_sample
+from taid_vlm.data.shard_index import SUMMARY_NAME, build_index, write_index
 from taid_vlm.data.shard_writer import raw_sample, write_shards
 from taid_vlm.data.skips import BAD_JSON, CORRUPT_IMAGE, MISSING_IMAGE, MISSING_TEXT, SampleError
 from taid_vlm.errors import UserError, run_cli
@@ -151,7 +154,7 @@ TMP_PREFIX = ".make_shards-"
 
 def own_shard_pattern(prefix: str) -> re.Pattern:
     """File names this tool writes for ``prefix``: the only files ``--overwrite`` may remove."""
-    return re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
+    return re.compile(rf"^({re.escape(prefix)}-\d{{6}}\.tar(\.idx)?|{re.escape(SUMMARY_NAME)})$")  # shards + index
 
 
 def _is_own(p: Path, own: re.Pattern) -> bool:
@@ -171,7 +174,7 @@ def write_into(records: Iterable[Any], out: Path, prefix: str = "shard", maxcoun
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
     try:
-        report = write_shards(records, tmp, prefix, maxcount, maxsize)
+        report = write_shards(records, tmp, prefix, maxcount, maxsize, index=False)  # indexed once moved
         if report["written"] == 0:
             return report  # nothing replaced: the caller reports the error
         own = own_shard_pattern(prefix)
@@ -184,7 +187,8 @@ def write_into(records: Iterable[Any], out: Path, prefix: str = "shard", maxcoun
             os.replace(s, dest)
             moved.append(str(dest))
         report["shards"] = moved
-        report["replaced"] = sum(not p.name.startswith(TMP_PREFIX) for p in replaced)
+        write_index([build_index(p) for p in moved])  # the loader's start-up reads this, never the shards
+        report["replaced"] = sum(p.name.endswith(".tar") for p in replaced)  # shards, not their index files
         report["kept_other_files"] = sorted(p.name for p in existing if p not in replaced)
         return report
     finally:

@@ -198,7 +198,14 @@ class RunConfig:
         """``data.train`` / ``data.val`` as its items (paths, patterns, folders), each local one resolved: always
         a list, so that a brace pattern's commas stay its own; ``data.shards.expand_shards`` turns it into the
         shard list once per run (preflight.shard_lists)."""
-        items = shard_spec_items(getattr(self.data, key))
+        value = getattr(self.data, key)
+        if is_mixture(value):  # weighted sources: each source's spec resolved the same way
+            return [{"shards": self._resolved_items(src["shards"]), "weight": float(src.get("weight", 1.0))}
+                    for src in value]
+        return self._resolved_items(value)
+
+    def _resolved_items(self, value) -> list:
+        items = shard_spec_items(value)
         return [self.resolve_path(s) for s in (items if isinstance(items, list) else [items])]
 
     def teacher_use(self) -> Optional[str]:
@@ -287,6 +294,21 @@ def is_url(value: str) -> bool:
     return "://" in value or value.startswith("pipe:")
 
 
+def is_mixture(value) -> bool:
+    """``data.train`` as weighted sources: a list of ``{shards: SPEC, weight: W}`` (data/mixture.py)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _check_mixture(value) -> None:
+    for k, src in enumerate(value):
+        unknown = sorted(set(src) - {"shards", "weight"})
+        if "shards" not in src or unknown:
+            raise ConfigError(f"data.train[{k}]: a source needs 'shards' (and optionally 'weight'), got keys {sorted(src)}")
+        weight = src.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.train[{k}].weight: must be a number > 0, got {weight!r}")
+
+
 def shard_spec_items(value):
     """The shard-spec rule for the config's side: a list, or a comma-separated string (unless a brace
     pattern's commas: ``shard-{a,b}.tar``) -> its items (a list); anything else is one item, kept."""
@@ -304,6 +326,8 @@ def _absolute(value, cwd: Path):
         p = Path(s).expanduser()
         return str(p if p.is_absolute() else cwd / p)
 
+    if is_mixture(value):
+        return [{**src, "shards": _absolute(src.get("shards"), cwd)} for src in value]
     items = shard_spec_items(value)
     if isinstance(value, str) and isinstance(items, list):  # kept a comma-separated string, as written
         return ",".join(one(v) for v in items)
@@ -554,6 +578,10 @@ def _validate_data_and_deepspeed(cfg: RunConfig) -> None:
     d = cfg.data
     if d.train is None:
         raise ConfigError("data.train: required (shard pattern, folder, glob or list)")
+    if is_mixture(d.train):
+        _check_mixture(d.train)
+    if is_mixture(d.val):
+        raise ConfigError("data.val: weighted sources are for data.train; list the held-out shards instead")
     if d.synthetic is not None:
         _check_choices(d.synthetic, "data.synthetic")
         _positive("data.synthetic.n", d.synthetic.n)

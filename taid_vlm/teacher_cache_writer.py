@@ -31,16 +31,17 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from taid_vlm.data.collate import collate
 from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
-from taid_vlm.data.pipeline import read_shard
-from taid_vlm.data.render import IGNORE_INDEX, Renderer, pad_token_id
-from taid_vlm.data.samples import decode_sample
+from taid_vlm.data.prepare import Preparer
+from taid_vlm.data.render import IGNORE_INDEX, pad_token_id
+from taid_vlm.data.shard_io import read_shard
 from taid_vlm.data.skips import SampleError, SkipCounter
 from taid_vlm.losses import OnlineTeacher
 from taid_vlm.losses.chunked import default_chunk_size
@@ -54,7 +55,7 @@ from taid_vlm.teacher_cache.manifest import (FORMAT, HIDDEN_VERSION, KINDS, VERS
 from taid_vlm.train.components import build_role_model, place_teacher, teacher_dtype
 from taid_vlm.train.device import to_device
 from taid_vlm.train.launch_env import all_reduce_sum, barrier, init_distributed
-from taid_vlm.train.preflight import shard_lists
+from taid_vlm.train.preflight import all_shards, shard_lists
 from taid_vlm.train.synthetic import ensure_synthetic_data
 from taid_vlm.train.zero3 import gathered
 
@@ -99,7 +100,7 @@ class _ShardJob:
         self.split, self.source, self.companion = split, source, companion
 
 
-def _pending_batches(job: _ShardJob, renderer, cfg_data: Dict[str, Any], batch_size: int, stats: dict):
+def _pending_batches(job: _ShardJob, preparer: Preparer, batch_size: int, stats: dict):
     """Yield lists of ``(key, Rendered | reason)`` in file order, each holding at most ``batch_size``
     renderable samples (skips ride along in place, so records are written in data order)."""
     skips = SkipCounter()
@@ -109,8 +110,7 @@ def _pending_batches(job: _ShardJob, renderer, cfg_data: Dict[str, Any], batch_s
         key = str(raw.get("__key__"))
         stats["samples"] += 1
         try:
-            sample = decode_sample(raw, cfg_data["caption_instruction"], cfg_data["text_only"])
-            pending.append((key, renderer(sample)))
+            pending.append((key, preparer(raw, Counter()).parts[0]))  # the loader's own decode + render
             n_ok += 1
         except SampleError as e:
             pending.append((key, e.reason))
@@ -136,13 +136,12 @@ def _with_last_flag(batches: Iterator[list]) -> Iterator[Tuple[list, bool]]:
     yield prev, True
 
 
-def _first_renderable(jobs, renderer, data_cfg):
+def _first_renderable(jobs, preparer: Preparer):
     for job in jobs:
         for raw in read_shard(job.source, SkipCounter()):
-            try:
-                return renderer(decode_sample(raw, data_cfg["caption_instruction"], data_cfg["text_only"]))
-            except SampleError:
-                continue
+            item = preparer.counted(raw, SkipCounter(), Counter())
+            if item is not None:
+                return item.parts[0]
     raise ValueError("no shard holds a single sample the teacher can render")
 
 
@@ -273,14 +272,15 @@ def _prepare_folder(out: Path, rank: int, overwrite: bool) -> None:
 
 def _shard_jobs(cfg, splits: Sequence[str]) -> List[_ShardJob]:
     jobs: List[_ShardJob] = []
-    for split, paths in shard_lists(cfg, splits).items():
+    for split, listed in shard_lists(cfg, splits).items():
+        paths = all_shards(listed)
         jobs += [_ShardJob(split, p, c) for p, c in zip(paths, companion_names(paths, split))]
     if not jobs:
         raise ValueError(f"no shards to cache: data.{' / data.'.join(splits)} not set")
     return jobs
 
 
-def _work(mine: List[_ShardJob], out: Path, renderer, data_cfg: dict, bs: int, resumable: bool, rank: int):
+def _work(mine: List[_ShardJob], out: Path, preparer: Preparer, bs: int, resumable: bool, rank: int):
     """(job, items, stats, is_last_batch_of_shard) for this rank, streamed; shards already finished
     (companion and part file present) are skipped when ``resumable``."""
     for job in mine:
@@ -288,7 +288,7 @@ def _work(mine: List[_ShardJob], out: Path, renderer, data_cfg: dict, bs: int, r
             log.info("rank %d: %s already cached, skipped", rank, job.companion)
             continue
         stats = {"samples": 0, "skipped": {}, "read_errors": {}}
-        for items, last in _with_last_flag(_pending_batches(job, renderer, data_cfg, bs, stats)):
+        for items, last in _with_last_flag(_pending_batches(job, preparer, bs, stats)):
             yield job, items, stats, last
 
 
@@ -380,18 +380,18 @@ def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"),
     lm_head = _store_lm_head(teacher, out, vocab_size, rank) if kind == "hidden" else None
 
     caption = cfg.data.caption_instruction or DEFAULT_CAPTION_INSTRUCTION
-    data_cfg = {"caption_instruction": caption, "text_only": cfg.data.text_only}
-    renderer = Renderer(spec, cfg.data.max_length)
+    preparer = Preparer(spec, None, max_length=cfg.data.max_length, caption_instruction=caption,
+                        text_only=cfg.data.text_only)  # the teacher's rendering only
     jobs = _shard_jobs(cfg, splits)
     lockstep = cfg.teacher.placement == "zero3" and world > 1
     if lockstep and len(jobs) < world:
         raise ValueError(f"{len(jobs)} shards < {world} processes with a ZeRO-3 teacher: use at most {len(jobs)} processes")
     bs = int(batch_size or cfg.train.micro_batch_size)
-    dummy = _first_renderable(jobs, renderer, data_cfg) if lockstep else None
+    dummy = _first_renderable(jobs, preparer) if lockstep else None
     run_teacher = _TeacherRecords(teacher, pad_token_id(spec.tokenizer), vocab_size, layout, device, dummy)
 
     t0 = time.perf_counter()
-    work = _work(jobs[rank::world], out, renderer, data_cfg, bs, not overwrite and not lockstep, rank)
+    work = _work(jobs[rank::world], out, preparer, bs, not overwrite and not lockstep, rank)
     _write_companions(work, run_teacher, out, lockstep, device, rank, compress)
     elapsed = time.perf_counter() - t0
     barrier()

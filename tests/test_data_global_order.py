@@ -8,7 +8,7 @@ import pytest
 
 from data_helpers import text_spec, write_tar
 from taid_vlm.data import build_loader
-from taid_vlm.data.pipeline import NoUsableSampleError
+from taid_vlm.data import NoUsableSampleError
 
 
 def _doc(key: str, words: int = 3) -> dict:

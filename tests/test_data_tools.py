@@ -76,7 +76,7 @@ def test_synth_shapes_deterministic_and_about_shapes(tmp_path, capsys):
     assert cap.messages[1]["content"][0].isupper() and cap.messages[1]["content"].endswith(".")
 
 
-@pytest.mark.parametrize("tool", ["make_shards", "check_shards", "synth_shapes", "text_corpus"])
+@pytest.mark.parametrize("tool", ["make_shards", "check_shards", "index_shards", "synth_shapes", "text_corpus"])
 def test_help(tool):
     out = subprocess.run([sys.executable, "-m", f"data_tools.{tool}", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=SUBPROCESS_TIMEOUT_S)

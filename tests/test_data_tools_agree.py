@@ -68,7 +68,9 @@ def test_out_folder_refused_unless_overwrite_and_only_own_shards_replaced(tmp_pa
     out = tmp_path / "o"
     many = _jsonl(tmp_path, [{"id": f"k{i}", "image": "good.jpg", "caption": f"c{i}"} for i in range(5)])
     assert make_main(["--jsonl", str(many), "--image-root", str(root), "--out", str(out), "--maxcount", "2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    shards = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    index = [f"{s}.idx" for s in shards] + ["shards.index.json"]  # the shard index is written with the shards
+    assert sorted(p.name for p in out.iterdir()) == sorted(shards + index)
     (out / "notes.txt").write_text("mine")
     (out / "other-000000.tar").write_bytes(b"not ours")
     capsys.readouterr()
@@ -77,21 +79,21 @@ def test_out_folder_refused_unless_overwrite_and_only_own_shards_replaced(tmp_pa
     assert make_main(["--jsonl", str(many), "--image-root", str(root), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: output folder is not empty") and f"--out {out}" in err and "\n" not in err
-    assert len(list(out.iterdir())) == 5
+    assert len(list(out.iterdir())) == 9
 
     # a run with no usable sample replaces nothing, even with --overwrite
     bad = _jsonl(tmp_path, [{"id": "x", "image": "cut.jpg", "caption": "c"}])
     assert make_main(["--jsonl", str(bad), "--image-root", str(root), "--out", str(out), "--overwrite"]) == 2
     assert "no usable sample" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other-000000.tar", "shard-000000.tar",
-                                                     "shard-000001.tar", "shard-000002.tar"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "other-000000.tar"] + shards + index)
 
     # --overwrite: the three old shards go, one new shard comes; other files stay untouched
     one = _jsonl(tmp_path, [{"id": "new", "image": "good.jpg", "caption": "fresh"}])
     assert make_main(["--jsonl", str(one), "--image-root", str(root), "--out", str(out), "--overwrite", "--json"]) == 0
     rep = _last_json(capsys)
     assert rep["replaced"] == 3 and rep["kept_other_files"] == ["notes.txt", "other-000000.tar"]
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other-000000.tar", "shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other-000000.tar", "shard-000000.tar",
+                                                     "shard-000000.tar.idx", "shards.index.json"]
     assert (out / "notes.txt").read_text() == "mine" and (out / "other-000000.tar").read_bytes() == b"not ours"
     assert check(str(out / "shard-000000.tar"))["samples"] == 1
 

@@ -318,6 +318,37 @@ def run_benchmark(cmd: Command, ws: Workspace) -> None:
     ws.run_once([f"benchmarks/{script}", *tiny], cmd.env, cwd=ws.root)
 
 
+def run_data_io(cmd: Command, ws: Workspace) -> None:
+    """Toy sizes: 4 shards of 10 samples, W = 1 and 2 with 2 workers; --startup with 20 shards."""
+    if "--startup" in cmd.argv:
+        tiny, says = ["--startup", "20", "--data", str(ws.root / "data_io_startup")], "20 indexed shards: build_loader"
+    elif "--shuffle-quality" in cmd.argv:
+        tiny, says = ["--shuffle-quality"], "distinct shards per global batch of 64"
+    else:
+        tiny = ["--worlds", "1", "2", "--workers", "2", "--shards", "4", "--per-shard", "10", "--shuffle-buffer", "10",
+                "--warm", "1", "--steps", "2", "--data", str(ws.root / "data_io")]
+        says = "worst rank"
+    proc = ws.run(["benchmarks/data_io.py", *tiny], cmd.env, cwd=ws.root)
+    assert says in proc.stdout, f"{cmd.where}: {proc.stdout[-500:]}"
+
+
+def run_index_shards(cmd: Command, ws: Workspace) -> None:
+    """DIR -> two small shards written here; a remote URL: the command line parses (--help)."""
+    if any("://" in w for w in cmd.argv):
+        ws.run(["python", "-m", "data_tools.index_shards", "--help"], cwd=REPO)
+        return
+    import webdataset as wds
+
+    folder = ws.root / "docs_index"
+    if not folder.exists():
+        folder.mkdir()
+        for s in range(2):
+            with wds.TarWriter(str(folder / f"shard-{s:06d}.tar")) as w:
+                for i in range(3):
+                    w.write({"__key__": f"s{s}_{i}", "txt": b"a doc"})
+    ws.run([w.replace("DIR", str(folder)) for w in cmd.argv], cmd.env)
+
+
 def parse_compare(cmd: Command, ws: Workspace) -> None:
     from taid_vlm.cli import build_parser
     from taid_vlm.experiments.compare import is_study, load_study
@@ -370,6 +401,8 @@ RULES = [
     Rule(r"python -m data_tools\.synth_shapes --out \S+ --n \d+ --seed \d+( --text-only)?", run_synth_shapes),
     Rule(r"(python )?benchmarks/\w+_bench\.py( .*)?", run_benchmark, slow=True, fast_check=help_only),
     Rule(r"(python )?benchmarks/cache_e2e\.py( .*)?", run_benchmark, slow=True, fast_check=help_only),
+    Rule(r"python benchmarks/data_io\.py( .*)?", run_data_io),
+    Rule(r"python -m data_tools\.index_shards .*", run_index_shards),
     Rule(r"taid-vlm compare configs/demo/distill\.yaml .*", run_compare_demo, slow=True, fast_check=parse_compare),
     # three teachers trained for 1,000 steps each: too long even for the slow tests; the study is validated
     Rule(r"taid-vlm compare configs/demo/capacity_gap\.yaml .*", parse_compare),

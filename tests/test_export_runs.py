@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from taid_vlm.data.pipeline import read_shard
+from taid_vlm.data.shard_io import read_shard
 from taid_vlm.data.samples import decode_sample
 from taid_vlm.data.skips import SkipCounter
 from taid_vlm.train.export import load_student

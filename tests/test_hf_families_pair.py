@@ -154,7 +154,7 @@ def held_out_ce_of_export(export, shards, vocab_size: int) -> tuple:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from taid_vlm.data import Renderer
-    from taid_vlm.data.pipeline import read_shard
+    from taid_vlm.data.shard_io import read_shard
     from taid_vlm.data.samples import decode_sample
     from taid_vlm.data.skips import SkipCounter
 
@@ -182,7 +182,7 @@ def held_out_ce_of_export(export, shards, vocab_size: int) -> tuple:
 
 
 def assert_generates(hf, processor, shard) -> None:
-    from taid_vlm.data.pipeline import read_shard
+    from taid_vlm.data.shard_io import read_shard
     from taid_vlm.data.samples import decode_sample
     from taid_vlm.data.skips import SkipCounter
 

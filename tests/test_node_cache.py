@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ import pytest
 
 from data_helpers import write_caption_shards
 from http_shard_server import serving
-from taid_vlm.data import FetchError, NodeCache, build_loader
-from taid_vlm.data.pipeline import read_shard
+from taid_vlm.data import FetchError, NodeCache, build_index, build_loader, write_index
+from taid_vlm.data.shard_io import read_shard, use_node_cache
 from taid_vlm.data.skips import SkipCounter
 
 
@@ -33,7 +34,10 @@ def _cached_files(root: Path) -> list[str]:
 
 @pytest.fixture
 def shards(tmp_path) -> list[str]:
-    return write_caption_shards(tmp_path / "store", 4, 6)
+    """Caption shards and their index (a remote shard's index is read from beside it: data_tools.index_shards)."""
+    paths = write_caption_shards(tmp_path / "store", 4, 6)
+    write_index([build_index(p) for p in paths])
+    return paths
 
 
 def test_a_local_path_is_used_as_it_is_and_nothing_is_cached(tmp_path, shards):
@@ -196,7 +200,8 @@ def test_the_loader_counts_an_unfetchable_shard_and_reads_the_others(tmp_path, s
         server.not_found["/shard-000001.tar"] = 99
         urls = [f"{server.url}/shard-{i:06d}.tar" for i in range(3)]
         skips = SkipCounter()
-        assert list(read_shard(urls[1], skips, opener=cache.open)) == []
+        use_node_cache(cache)  # build_loader sets it too; read_shard alone reads through this process's cache
+        assert list(read_shard(urls[1], skips)) == []
         assert skips.as_dict() == {"fetch_error": 1} and skips.examples["fetch_error"] == [urls[1]]
         loader = build_loader(urls, student_spec(tiny_tokenizer), teacher_spec(tiny_tokenizer), mode="eval",
                               batch_size=4, max_length=256, num_workers=2, shard_cache=cache)
@@ -204,7 +209,7 @@ def test_the_loader_counts_an_unfetchable_shard_and_reads_the_others(tmp_path, s
         assert server.gets("/shard-000001.tar") == 2  # the first read's two attempts; then the failure marker
         assert server.gets("/shard-000000.tar") == server.gets("/shard-000002.tar") == 1
     assert keys == [f"s{s}_{i:03d}" for s in (0, 2) for i in range(6)]
-    assert loader.skips.as_dict() == {"fetch_error": 1}
+    assert loader.skips.as_dict() == {"fetch_error": 6}  # each of its 6 indexed samples, one fetch
 
 
 def test_the_cache_settings_come_from_the_config_and_remote_specs_stay_urls(tmp_path):
@@ -228,16 +233,30 @@ def test_the_cache_settings_come_from_the_config_and_remote_specs_stay_urls(tmp_
         load_config(CONFIGS / "tiny_text.yaml", ["data.fetch_retries=-1"])
 
 
-def test_a_train_stream_whose_shards_all_fail_to_fetch_stops_naming_them(tmp_path, tiny_tokenizer):
+def test_a_train_stream_whose_shards_all_fail_to_fetch_stops_naming_them(tmp_path, shards, tiny_tokenizer):
     from data_helpers import student_spec, teacher_spec
     from taid_vlm.data import NoUsableSampleError
 
     cache = _cache(tmp_path / "cache", retries=0)
-    with serving(tmp_path) as server:
-        server.not_found.update({"/a.tar": 99, "/b.tar": 99})
-        loader = build_loader([f"{server.url}/a.tar", f"{server.url}/b.tar"], student_spec(tiny_tokenizer),
-                              teacher_spec(tiny_tokenizer), mode="train", batch_size=2, num_workers=0,
-                              shard_cache=cache)
-        with pytest.raises(NoUsableSampleError, match=r"fetch_error=4 \[http://127.0.0.1:\d+/[ab].tar, "):
+    with serving(tmp_path / "store") as server:
+        server.not_found.update({"/shard-000000.tar": 99, "/shard-000001.tar": 99})
+        urls = [f"{server.url}/shard-00000{i}.tar" for i in range(2)]
+        loader = build_loader(urls, student_spec(tiny_tokenizer), teacher_spec(tiny_tokenizer), mode="train",
+                              batch_size=2, num_workers=0, shard_cache=cache)
+        with pytest.raises(NoUsableSampleError, match=r"fetch_error=\d+ \[http://127.0.0.1:\d+/shard-00000[01].tar#"):
             next(iter(loader))
-        assert server.gets("/a.tar") == server.gets("/b.tar") == 1  # then the node's failure markers answer
+        # one GET each (the index came from beside them); then the node's failure markers answer
+        assert server.gets("/shard-000000.tar") == server.gets("/shard-000001.tar") == 1
+
+
+def test_a_remote_shard_without_an_index_is_one_error_naming_it_and_the_command(tmp_path, tiny_tokenizer):
+    from data_helpers import student_spec
+    from taid_vlm.data.shard_index import StaleIndexError
+
+    write_caption_shards(tmp_path / "bare", 1, 2)  # no index written
+    with serving(tmp_path / "bare") as server:
+        url = f"{server.url}/shard-000000.tar"
+        with pytest.raises(StaleIndexError, match=rf"remote shard {re.escape(url)} has no index next to it .*index_shards"):
+            build_loader([url], student_spec(tiny_tokenizer), mode="train", batch_size=2, num_workers=0,
+                         shard_cache=_cache(tmp_path / "cache", retries=0))
+        assert server.gets("/shard-000000.tar") == 0  # start-up reads index files only

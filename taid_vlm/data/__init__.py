@@ -8,8 +8,11 @@ Entry point (the trainer calls only this)::
                           shuffle_buffer=1000, pad_to_multiple_of=None, grad_accum=1)
     for batch in loader: ...
 
-``shards``: brace pattern, folder, glob, comma-separated string or list (shards.py). A missing path or
-an empty spec raises at build time, naming the path. ``student_spec``/``teacher_spec`` are
+``shards``: brace pattern, folder, glob, comma-separated string or list (shards.py), or a weighted
+mixture ``[{"shards": spec, "weight": w}, ...]`` (mixture.py). A missing path or an empty spec raises at
+build time, naming the path. Shards are read through their index (``<shard>.idx`` + ``shards.index.json``,
+shard_index.py; written by data_tools.make_shards / data_tools.index_shards, built at start for local
+shards without one): each worker reads only its own samples' bytes. Files by job: docs/data_at_scale.md. ``student_spec``/``teacher_spec`` are
 ``taid_vlm.spec.InputSpec``s (the only thing this package knows about models); ``teacher_spec=None``
 gives batches without a ``"teacher"`` entry (SFT).
 
@@ -63,16 +66,21 @@ pass (each sample once over all ranks and workers; ranks may get different numbe
 from .align import align_labels, loss_positions
 from .collate import collate, collate_packed
 from .formats import DEFAULT_CAPTION_INSTRUCTION, IMAGE_MARKER
+from .factory import build_loader
+from .loader import Loader
+from .prepare import Prepared, Preparer
+from .shard_index import ShardIndex, build_index, load_indexes, write_index
+from .shard_io import read_shard
+from .stream import SampleStream
 from .node_cache import FetchError, NodeCache, default_cache_dir
-from .pipeline import Loader, NoUsableSampleError, SampleStream, build_loader, read_shard
 from .render import IGNORE_INDEX, Rendered, Renderer, check_spec
 from .samples import Sample, decode_sample
 from .shards import expand_shards
-from .skips import SampleError, SkipCounter
+from .skips import NoUsableSampleError, SampleError, SkipCounter
 
 __all__ = [
     "NodeCache", "FetchError", "default_cache_dir",
     "build_loader", "Loader", "NoUsableSampleError", "SampleStream", "read_shard", "expand_shards", "Sample", "decode_sample",
     "Renderer", "Rendered", "check_spec", "align_labels", "loss_positions", "collate", "collate_packed",
-    "SampleError", "SkipCounter", "IMAGE_MARKER", "DEFAULT_CAPTION_INSTRUCTION", "IGNORE_INDEX",
+    "SampleError", "SkipCounter", "Prepared", "Preparer", "ShardIndex", "build_index", "load_indexes", "write_index", "IMAGE_MARKER", "DEFAULT_CAPTION_INSTRUCTION", "IGNORE_INDEX",
 ]

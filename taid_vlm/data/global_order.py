@@ -18,23 +18,27 @@ its slot empty and its micro-batch one sample smaller, on every world size alike
 samples were all unusable still runs, with zero supervised tokens). Deciding usability before slicing
 would need every worker to decode every sample.
 
-The cost. Every worker walks the whole raw stream (tar bytes are read, only its own samples are
-decoded, rendered and tokenized), so each shard byte is read ``world_size * num_workers`` times instead
-of once. Decoding, the dominant cost for image data, is not repeated. A worker keeps only its own raw
-samples of the current block in memory.
+The reads. With the shard index (shard_index.py: raw samples per shard), global sample ``i`` maps to a
+place without reading anything: block ``b = i // K`` -> raw position ``q = b*K + perm_b[i % K]`` in the
+concatenated rounds -> round ``q // T`` (``T`` raw samples per round) -> shard and sample ``j`` in it
+(``RawOrder.locate``). Each worker reads only its own samples' bytes (seek + read of their byte range),
+so each shard byte is read about once over all ranks and workers.
 
-The position. A single global counter (the next global sample) plus the cursor of some block at or
-before it (``{"b": block, "s": index in the shard sequence, "j": raw samples into that shard}``) is the
-whole resumable state: resuming re-opens shard ``s``, skips ``j`` raw samples undecoded, and walks
-forward to the position (at most one step plus one block of undecoded samples). Any world size, worker
-count, micro-batch size or accumulation can continue from it.
+The position. A single global counter (the next global sample) is the whole resumable state: any world
+size, worker count, micro-batch size or accumulation can continue from it.
+
+Shard read errors (a cut tar, a file that is not a tar) sit at raw positions too (the index records how
+many samples a shard yielded before each), and are counted once, by rank 0's first worker, when the
+stream passes them, as a full walk of the stream would meet them.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 
 def shard_round_order(seed: int, round_index: int, num_shards: int) -> List[int]:
@@ -102,3 +106,62 @@ class Layout:
 
     def as_dict(self) -> dict:
         return {"micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "world_size": self.world_size}
+
+
+class RawOrder:
+    """Global sample index -> (shard, raw sample in it), from the samples per shard alone.
+
+    ``counts[s]``: raw samples of shard ``s``; ``errors[s]``: its read errors as (reason, samples before)."""
+
+    def __init__(self, seed: int, shuffle_buffer: int, counts: Sequence[int],
+                 errors: Sequence[Sequence[Tuple[str, int]]] = ()):
+        self.seed, self.K = seed, max(1, int(shuffle_buffer))
+        self.counts = [int(c) for c in counts]
+        self.per_round = sum(self.counts)
+        self.errors = {s: list(e) for s, e in enumerate(errors) if e}
+        self._rounds: Dict[int, Tuple[List[int], List[int], Dict[int, int]]] = {}
+        self._blocks: Dict[int, List[int]] = {}
+
+    def _round(self, r: int) -> Tuple[List[int], List[int], Dict[int, int]]:
+        """The shard order of round ``r``, the raw position (in the round) where each of its shards
+        starts, and where the shards with read errors sit in the order."""
+        if r not in self._rounds:
+            if len(self._rounds) > 4:
+                self._rounds.clear()
+            order = shard_round_order(self.seed, r, len(self.counts))
+            starts = [0] + list(itertools.accumulate(self.counts[s] for s in order))
+            self._rounds[r] = (order, starts, {s: k for k, s in enumerate(order) if s in self.errors})
+        return self._rounds[r]
+
+    def raw_position(self, i: int) -> int:
+        """Where global sample ``i`` sits in the concatenated rounds (the block shuffle undone)."""
+        b, p = divmod(i, self.K)
+        if b not in self._blocks:
+            if len(self._blocks) > 4:
+                self._blocks.clear()
+            self._blocks[b] = block_permutation(self.seed, b, self.K)
+        return b * self.K + self._blocks[b][p]
+
+    def locate_raw(self, q: int) -> Tuple[int, int]:
+        """Raw position ``q`` -> (shard, raw sample in it)."""
+        r, o = divmod(q, self.per_round)
+        order, starts, _ = self._round(r)
+        k = bisect.bisect_right(starts, o) - 1  # the last of equal starts: empty shards hold no position
+        return order[k], o - starts[k]
+
+    def locate(self, i: int) -> Tuple[int, int]:
+        return self.locate_raw(self.raw_position(i))
+
+    def errors_between(self, lo: int, hi: int) -> List[Tuple[int, str]]:
+        """``(shard, reason)`` of the read errors at raw positions ``lo <= q < hi`` (a walk of the stream
+        meets an error when it asks for the raw sample after the ones the shard yielded before it)."""
+        out = []
+        if not self.errors or hi <= lo or self.per_round == 0:
+            return out
+        # an error of round r may sit at the first position of round r + 1 (a broken shard ends the round)
+        for r in range(max(0, lo // self.per_round - 1), (hi - 1) // self.per_round + 1):
+            _, starts, where = self._round(r)
+            found = [(r * self.per_round + starts[k] + before, s, reason)
+                     for s, k in where.items() for reason, before in self.errors[s]]
+            out += [(s, reason) for q, s, reason in sorted(found) if lo <= q < hi]
+        return out

@@ -55,6 +55,9 @@ class FetchError(Exception):
         self.url, self.why = url, why
 
 
+DEFAULT_CACHE_MAX_BYTES = 64 << 30  # data.cache_max_gb's default
+
+
 def default_cache_dir() -> str:
     """``$TMPDIR/taid_vlm_shards`` (the system temp folder without TMPDIR): node-local on clusters."""
     return os.path.join(tempfile.gettempdir(), "taid_vlm_shards")

@@ -1,5 +1,6 @@
 """Write ``(key, images, fields)`` records into WebDataset shards (webdataset's ShardWriter), counting
-the records that arrive as skips. Used by data_tools.make_shards and the synthetic-data generator."""
+the records that arrive as skips, and index them (shard_index.py). Used by data_tools.make_shards and the
+synthetic-data generator."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import webdataset as wds
 
+from .shard_index import build_index, write_index
 from .skips import SampleError, SkipCounter
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
@@ -41,8 +43,9 @@ def raw_sample(key: str, images: List[Tuple[str, bytes]], fields: Dict[str, Any]
 
 
 def write_shards(records: Iterable[Any], out: Path, prefix: str = "shard", maxcount: int = 10000,
-                 maxsize: float = 1e9, mtime: float = 0.0) -> Dict[str, Any]:
-    """Write records (``(key, images, fields)`` or ``(key, SampleError)``) into shards; return a report."""
+                 maxsize: float = 1e9, mtime: float = 0.0, index: bool = True) -> Dict[str, Any]:
+    """Write records (``(key, images, fields)`` or ``(key, SampleError)``) into shards; return a report.
+    ``index``: also write the shard index beside them (shard_index.py)."""
     out.mkdir(parents=True, exist_ok=True)
     skips, seen, written, inputs, shards = SkipCounter(), set(), 0, 0, []
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0,
@@ -62,5 +65,7 @@ def write_shards(records: Iterable[Any], out: Path, prefix: str = "shard", maxco
         for s in shards:
             os.remove(s)
         shards = []
+    if index and shards:
+        write_index([build_index(str(s)) for s in shards])
     return {"inputs": inputs, "written": written, "skipped": skips.total, "skipped_by_reason": skips.as_dict(),
             "skipped_examples": skips.examples, "shards": [str(s) for s in shards]}

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Optional
 
+from ..errors import UserError
+
 # Reasons used by this package (free-form strings are allowed too; these are the documented ones).
 CORRUPT_IMAGE = "corrupt_image"  # an image field that PIL cannot decode
 MISSING_IMAGE = "missing_image"  # a caption record without an image
@@ -86,3 +88,13 @@ class SkipCounter:
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.as_dict()})"
+
+
+class NoUsableSampleError(UserError, RuntimeError):
+    """A full pass over the shards found no sample that can be trained on (the message lists why)."""
+
+
+def no_usable_message(shards: List[str], skips: SkipCounter) -> str:
+    where = shards[0] if len(shards) == 1 else f"{shards[0]} ... {shards[-1]}"
+    return (f"no usable sample in a full pass over {len(shards)} shard(s) ({where}): {skips.summary()}; "
+            "check the data (data_tools.check_shards) and data.max_length")

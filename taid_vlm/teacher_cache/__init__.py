@@ -39,7 +39,7 @@ V, the rendering settings (max_length, text_only, caption instruction, chat temp
 image transform) and their hash, per-shard statistics. Checked when training starts: a field that
 disagrees with the run is an error that names it.
 
-Alignment (reader.py, taid_vlm/data/pipeline.py). The pipeline zips each data shard's raw samples
+Alignment (reader.py, taid_vlm/data/sample_reader.py). The pipeline pairs each data shard's raw samples
 with its companion's raw samples, key checked, BEFORE the block shuffle: shuffling, the split over
 ranks and workers, and the exact resume position apply to the pair, so they cannot drift apart. Then
 the student's supervised tokens are paired with the cached targets (identical lists: all; otherwise

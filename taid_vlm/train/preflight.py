@@ -127,11 +127,20 @@ def shard_lists(cfg: RunConfig, keys=("train", "val")) -> dict[str, list[str]]:
     for key in keys:
         if getattr(cfg.data, key) is None:
             continue
+        spec = cfg.shard_spec(key)
         try:
-            out[key] = expand_shards(cfg.shard_spec(key))
+            if spec and isinstance(spec[0], dict):  # weighted sources: each expanded, weights kept
+                out[key] = [{**src, "shards": expand_shards(src["shards"])} for src in spec]
+            else:
+                out[key] = expand_shards(spec)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
     return out
+
+
+def all_shards(listed: list) -> list[str]:
+    """The shard paths of a ``shard_lists`` entry, the sources of a weighted mixture one after another."""
+    return [p for src in listed for p in src["shards"]] if listed and isinstance(listed[0], dict) else listed
 
 
 # ---- resume ---------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .preflight import all_shards
+
 # Counting samples reads every tar header: done for local shard sets up to this size.
 COUNT_SAMPLES_UP_TO_BYTES = 2 << 30
 
@@ -67,7 +69,8 @@ def summary_lines(teacher, student, world: int, micro_batch: int, grad_accum: in
     lines.append(f"world size {world}{on}; {samples_per_step} samples per optimizer step (micro-batch {micro_batch} x "
                  f"grad_accum {grad_accum} x {world} ranks), at most {samples_per_step * max_length} tokens "
                  f"(max_length {max_length})")
-    for name, found in shards.items():
+    for name, listed in shards.items():
+        found = all_shards(listed)  # a weighted mixture's sources, one after another
         n = count_samples(found)
         where = found[0] if len(found) == 1 else f"{found[0]} .. {found[-1]}"
         counted = f"{n} samples" if n is not None else "sample count unknown"
