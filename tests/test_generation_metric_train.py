@@ -60,7 +60,7 @@ def test_eval_generation_is_the_students_greedy_answers_scored(small_text, tmp_p
     assert got["eval_exact_match"] == pytest.approx(sum(e for _, e in want) / N, abs=1e-12)
     assert got["eval_rougeL"] > 0  # the fitted student answers some held-out questions in words
 
-    run.cfg.train.eval_generation = 0  # off: the evaluation of before, number for number
+    run.generation_scorer = None  # what setup builds for train.eval_generation 0: the evaluation of before, number for number
     plain = run.evaluate()
     assert set(got) - set(plain) == {"eval_rougeL", "eval_exact_match", "eval_generated"}
     assert plain == {k: v for k, v in got.items() if k in plain}
