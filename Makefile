@@ -6,9 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup test test-e2e demo bench lock clean
 
-# Quick no-op when neither the lock file nor the package metadata changed. --no-compile: pip would byte-compile
-# all ~23,000 .py files of the lock (~2 ms of CPU each: transformers' 2,912 alone 6-7 s, measured); Python compiles
-# the modules a command imports at their first import instead, once (the venv is writable).
+# Quick no-op when neither the lock file nor the package metadata changed. The lock's ~23,000 .py files are
+# byte-compiled once here, on every core (24 s on 2 cores), instead of by pip one at a time: machines that set
+# PYTHONDONTWRITEBYTECODE=1 (our CI image does) never write a .pyc at import, and every process of the e2e tier
+# then compiled torch / transformers / DeepSpeed from source again (11.3 s of CPU to import the trainer instead
+# of 5.1, measured). compileall's status is ignored: a few third-party files hold newer syntax on purpose
+# (torch/testing/_internal/py312_intrinsics.py); Python could not import them either.
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
@@ -16,6 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q --no-compile -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	touch $@
 
 # The unit tier: every module, the losses against float64 references, in-process trainer steps,
@@ -24,15 +28,17 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 # The end-to-end tier (marked `slow`): real `taid-vlm` / `deepspeed` launches in subprocesses,
-# multi-process ZeRO runs, every shipped recipe, the docs' commands (91 tests, 22.7 min, 2026-12-07). CI runs both tiers.
-# Two pytest processes side by side: most e2e time is one subprocess importing torch/transformers/DeepSpeed
-# on one core (the last serial CI run averaged 1.07 of the 2 cores). Shard A is the docs' commands and the
-# experiments CLI (they share the demo --quick fixture), shard B the rest; B prints as it runs, A's log is
-# printed when both have ended; the target fails if either shard failed.
-E2E_A := tests/test_docs_commands.py tests/test_experiments_cli.py
+# multi-process ZeRO runs, every shipped recipe, the docs' commands (91 tests, MIN_E2E min, 2026-12-07). CI runs both tiers.
+# Two pytest processes side by side: most e2e time is one subprocess at a time on one core. Shard A is the
+# docs' commands and the experiments CLI (they share the demo --quick fixture) plus the multi-process files
+# that even out the two shards' CPU (A 590 s, B 640 s measured one at a time, `--cpu-durations`); shard B the
+# rest. B prints as it runs, A's log is printed when both have ended; the target fails if either shard failed.
+E2E_A := tests/test_docs_commands.py tests/test_experiments_cli.py tests/test_sampling_world_size.py \
+         tests/test_remote_shards_train.py tests/test_generation_metric_zero3.py
+E2E_REPORT := --durations=10 --cpu-durations=15 -p no:cacheprovider
 test-e2e: setup
-	@HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow --durations=10 -p no:cacheprovider $(E2E_A) > .e2e-a.log 2>&1 & a=$$!; \
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow --durations=15 -p no:cacheprovider $(addprefix --ignore=,$(E2E_A)) tests; \
+	@HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(E2E_REPORT) $(E2E_A) > .e2e-a.log 2>&1 & a=$$!; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(E2E_REPORT) $(addprefix --ignore=,$(E2E_A)) tests; \
 	b=$$?; wait $$a; a=$$?; echo "== e2e shard B (the rest): exit $$b; shard A ($(E2E_A)): exit $$a"; cat .e2e-a.log; \
 	test $$a -eq 0 && test $$b -eq 0
 

@@ -2,7 +2,7 @@
 and students trained from each format vs the online teacher.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cache_bench.py [--steps 30] [--out /tmp/cache_bench]
-        [--fidelity-tokens 32] [--e2e-steps 150 --teacher-steps 300] [--text-bed CHECKOUT]
+        [--fidelity-tokens 32] [--e2e-steps 150 --teacher-steps 300 --e2e-losses taid,rkl] [--text-bed CHECKOUT]
 
 1. Storage: caches the tiny text recipe's teacher (V = 512) at k = 64 and k = V, gzip (default) and
    plain tar; reports the payload (6k + 8 bytes) and the bytes on disk per supervised token. Also
@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--fidelity-tokens", type=int, default=4, help="tokens per fidelity measurement (V = 151,936)")
     ap.add_argument("--e2e-steps", type=int, default=0, help="student steps of the end-to-end runs (0: skip them)")
     ap.add_argument("--teacher-steps", type=int, default=300, help="CE steps of the end-to-end bed's teacher")
+    ap.add_argument("--e2e-losses", default="taid,rkl", help="losses of the end-to-end runs, comma-separated")
     ap.add_argument("--text-bed", type=Path, help="a checkout with the real-text bed and its trained teachers "
                     "(data/text_bed, runs/text_bed/gap/teachers/{s,l}/model): fidelity on its teacher too")
     a = ap.parse_args()
@@ -139,7 +140,7 @@ def main() -> int:
     if a.e2e_steps > 0:
         from cache_e2e import end_to_end
 
-        end_to_end(a.out / "e2e", a.e2e_steps, a.teacher_steps, ["taid", "rkl"], PY, sh)
+        end_to_end(a.out / "e2e", a.e2e_steps, a.teacher_steps, a.e2e_losses.split(","), PY, sh)
     return 0
 
 

@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+pytest_plugins = ["tests.cpu_durations"]  # --cpu-durations=N
+
 
 @pytest.fixture(autouse=True)
 def _seed():

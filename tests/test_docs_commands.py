@@ -299,12 +299,13 @@ def run_benchmark(cmd: Command, ws: Workspace) -> None:
         "lora_memory_bench.py": ["--hidden", "64", "--layers", "1", "--r", "2", "--steps", "2",
                                  "--out", str(ws.root / "lora_bench")],
         "train_bench.py": ["--steps", "3", "--warmup", "1"],
+        # each loss's 4 runs (one per cache format) once: TAID here, RKL in cache_e2e.py below
         "cache_bench.py": ["--steps", "5",  # it drops the first 3 steps
                            "--out", str(ws.root / "cache_bench"), "--fidelity-tokens", "2",
-                           "--e2e-steps", "2", "--teacher-steps", "2"],
+                           "--e2e-steps", "2", "--teacher-steps", "2", "--e2e-losses", "taid"],
         # the docs run it on the real-text bed (--text-bed .), which a test workspace has not built: the tiny bed,
-        # in cache_bench.py's e2e folder (same teacher, steps and caches: reused, the 4 taid runs made again)
-        "cache_e2e.py": ["--steps", "2", "--teacher-steps", "2", "--losses", "taid",
+        # in cache_bench.py's e2e folder (its teacher and caches reused)
+        "cache_e2e.py": ["--steps", "2", "--teacher-steps", "2", "--losses", "rkl",
                          "--out", str(ws.root / "cache_bench" / "e2e")],
     }[script]
     if "--gpu" in cmd.argv:
