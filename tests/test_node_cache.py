@@ -18,6 +18,7 @@ import pytest
 from data_helpers import write_caption_shards
 from http_shard_server import serving
 from taid_vlm.data import FetchError, NodeCache, build_index, build_loader, write_index
+from taid_vlm.data import shard_io
 from taid_vlm.data.shard_io import read_shard, use_node_cache
 from taid_vlm.data.skips import SkipCounter
 
@@ -224,6 +225,11 @@ def test_the_cache_settings_come_from_the_config_and_remote_specs_stay_urls(tmp_
     assert cfg.shard_spec("train") == [spec] and cfg.shard_spec("val") == ["pipe:cat v.tar"]
     assert shard_lists(cfg)["train"] == [spec.replace("{000000..000003}", f"{i:06d}") for i in range(4)]
     assert node_cache(cfg) == NodeCache(default_cache_dir(), 64 << 30, retries=3)
+    use_node_cache(None)  # the config's defaults are those of a process with no configured cache (data tools)
+    try:
+        assert shard_io.node_cache() == node_cache(cfg)
+    finally:
+        use_node_cache(None)
     cfg = load_config(CONFIGS / "tiny_text.yaml", ["data.cache_dir=shard_cache", "data.cache_max_gb=0.5",
                                                    "data.fetch_retries=0"])
     assert node_cache(cfg) == NodeCache(str(Path.cwd() / "shard_cache"), 1 << 29, retries=0)

@@ -55,7 +55,7 @@ class FetchError(Exception):
         self.url, self.why = url, why
 
 
-DEFAULT_CACHE_MAX_BYTES = 64 << 30  # data.cache_max_gb's default
+DEFAULT_CACHE_MAX_BYTES = 64 << 30  # data.cache_max_gb's default (tests/test_node_cache.py keeps the two equal)
 
 
 def default_cache_dir() -> str:

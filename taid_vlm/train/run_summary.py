@@ -6,16 +6,13 @@ lines of the log instead of after hours.
 
 from __future__ import annotations
 
-import os
-import tarfile
 from typing import Optional
 
 import torch
 
+from ..data.node_cache import FetchError
+from ..data.shard_index import StaleIndexError, load_indexes
 from .preflight import all_shards
-
-# Counting samples reads every tar header: done for local shard sets up to this size.
-COUNT_SAMPLES_UP_TO_BYTES = 2 << 30
 
 
 def parameter_counts(module: Optional[torch.nn.Module]) -> Optional[dict]:
@@ -31,24 +28,12 @@ def parameter_counts(module: Optional[torch.nn.Module]) -> Optional[dict]:
 
 
 def count_samples(shards: list[str]) -> Optional[int]:
-    """Samples (distinct keys) in local tar shards, or None when remote or too large to list quickly."""
-    if any(not os.path.isfile(s) for s in shards):
+    """Samples the loader reads from ``shards``, from the shard index (no shard is opened: the loader has
+    just loaded or built it), or None when the index cannot be read."""
+    try:
+        return sum(ix.samples for ix in load_indexes(shards, write=False))
+    except (StaleIndexError, FetchError, OSError, ValueError):
         return None
-    if sum(os.path.getsize(s) for s in shards) > COUNT_SAMPLES_UP_TO_BYTES:
-        return None
-    count = 0
-    for shard in shards:
-        keys = set()
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if member.isfile():
-                        name = os.path.basename(member.name)
-                        keys.add(os.path.join(os.path.dirname(member.name), name.split(".", 1)[0]))
-        except (tarfile.TarError, OSError):
-            pass  # a broken shard: the loader skips and counts it
-        count += len(keys)
-    return count
 
 
 def _millions(n: int) -> str:
