@@ -79,7 +79,7 @@ class DataConfig:
     prompt_tokens: int = 0      # a raw-text document's first N tokens are its prompt (generation metric, sampling);
                                 # 0: its first token. Conversations: the sample up to its last assistant turn
     num_workers: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000          # samples per shuffled block: a batch mixes ~this / samples-per-shard shards
     caption_instruction: Optional[str] = None
     # Remote shards (http(s)://, pipe:, gs:// ...) are fetched once per node into this node-local folder
     # (None: $TMPDIR/taid_vlm_shards) and read from there; docs/remote_shards.md.
