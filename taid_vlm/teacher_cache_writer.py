@@ -41,6 +41,7 @@ from taid_vlm.data.collate import collate
 from taid_vlm.data.formats import DEFAULT_CAPTION_INSTRUCTION
 from taid_vlm.data.prepare import Preparer
 from taid_vlm.data.render import IGNORE_INDEX, pad_token_id
+from taid_vlm.data.shard_index import build_index, write_sidecar
 from taid_vlm.data.shard_io import read_shard
 from taid_vlm.data.skips import SampleError, SkipCounter
 from taid_vlm.losses import OnlineTeacher
@@ -236,6 +237,8 @@ class _CompanionShard:
         os.fsync(self.raw_file.fileno())
         self.raw_file.close()
         os.replace(self.tmp, self.final)
+        if self.stream is self.raw_file:  # plain tar: indexed now, read by byte range (sample_reader.py)
+            write_sidecar(build_index(str(self.final)))
         job = self.job
         entry = {"split": job.split, "source": os.path.realpath(job.source), "companion": job.companion,
                  "source_bytes": os.path.getsize(job.source), "samples": stats["samples"],

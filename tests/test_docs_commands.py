@@ -333,6 +333,14 @@ def run_data_io(cmd: Command, ws: Workspace) -> None:
     assert says in proc.stdout, f"{cmd.where}: {proc.stdout[-500:]}"
 
 
+def run_companion_io(cmd: Command, ws: Workspace) -> None:
+    """Toy sizes: 3 shards of 8 samples, 2 micro-batches counted."""
+    argv = ["benchmarks/companion_io.py", "--shards", "3", "--per-shard", "8", "--steps", "2",
+            "--out", str(ws.root / "companion_io")]
+    proc = ws.run(argv, cmd.env, cwd=ws.root)
+    assert proc.stdout.count(" plain ") == 2 and proc.stdout.count(" gzip ") == 2, f"{cmd.where}: {proc.stdout[-500:]}"
+
+
 def run_index_shards(cmd: Command, ws: Workspace) -> None:
     """DIR -> two small shards written here; a remote URL: the command line parses (--help)."""
     if any("://" in w for w in cmd.argv):
@@ -403,6 +411,7 @@ RULES = [
     Rule(r"(python )?benchmarks/\w+_bench\.py( .*)?", run_benchmark, slow=True, fast_check=help_only),
     Rule(r"(python )?benchmarks/cache_e2e\.py( .*)?", run_benchmark, slow=True, fast_check=help_only),
     Rule(r"python benchmarks/data_io\.py( .*)?", run_data_io),
+    Rule(r"python benchmarks/companion_io\.py( .*)?", run_companion_io),
     Rule(r"python -m data_tools\.index_shards .*", run_index_shards),
     Rule(r"taid-vlm compare configs/demo/distill\.yaml .*", run_compare_demo, slow=True, fast_check=parse_compare),
     # three teachers trained for 1,000 steps each: too long even for the slow tests; the study is validated

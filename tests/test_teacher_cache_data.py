@@ -55,6 +55,7 @@ def setup(tmp_path_factory):
     paths = make_shards(root / "data", bad=True)
     cfg = run_config(str(root / "data"))
     manifest = write_cache(cfg, root / "topk8", k=8, splits=("train",))
+    write_cache(cfg, root / "topk8_plain", k=8, splits=("train",), compress=False)
     torch.manual_seed(cfg.seed)  # as the trainer builds them (student first): the writer's teacher too
     student = build_role_model(cfg.student.model, "student")
     teacher = build_role_model(cfg.teacher.model, "teacher").eval()
@@ -257,6 +258,67 @@ def test_truncated_companion_is_a_counted_skip(setup):
     lost = 6 - sum(k.startswith("s1_") for k in keys)
     assert 0 < lost < 6 and skips["teacher_cache_missing"] == lost and skips["truncated_tar"] == 1
     assert [k for k in keys if not k.startswith("s1_")] == [f"s{s}_{i:02d}" for s in (0, 2) for i in range(6)]
+
+
+def test_plain_companions_are_read_by_byte_range_and_give_the_gzip_rows(setup, monkeypatch):
+    """cache_teacher --no-compress: each companion indexed as it is written, its records then read by range
+    (never whole), the same rows in the same batches as the gzip cache, under shuffle, workers and resume."""
+    import taid_vlm.data.sample_reader as sample_reader
+
+    plain, gz = TeacherCache(setup["root"] / "topk8_plain"), TeacherCache(setup["root"] / "topk8")
+    assert sorted(p.name for p in (setup["root"] / "topk8_plain" / "train").glob("*.tar.idx")) == \
+        [f"shard-{s:06d}.tar.idx" for s in range(3)]
+    kw = dict(mode="train", num_workers=0, seed=3, shuffle_buffer=4, batch_size=3)
+    it = iter(loader(setup, cache=gz, **kw))
+    want = [_sig(next(it)) for _ in range(10)]
+
+    def whole_read(*a, **k):
+        raise AssertionError("a plain companion was read whole")
+
+    monkeypatch.setattr(sample_reader, "read_shard", whole_read)
+    first = loader(setup, cache=plain, **kw)
+    it = iter(first)
+    head = [_sig(next(it)) for _ in range(4)]
+    resumed = loader(setup, cache=plain, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    it = iter(resumed)
+    assert head + [_sig(next(it)) for _ in range(6)] == want
+    ev = loader(setup, cache=plain)
+    assert len([k for b in ev for k in b["keys"]]) == 18 and ev.skips.as_dict() == {"bad_json": 1}
+
+
+def test_gzip_companions_over_many_shards_per_block_are_warned_plain_ones_are_not(setup, caplog, monkeypatch):
+    import logging
+
+    import taid_vlm.data.factory as factory
+
+    def said(name, K):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="taid_vlm.data.factory"):
+            loader(setup, cache=TeacherCache(setup["root"] / name), mode="train", shuffle_buffer=K)
+        return [r.getMessage() for r in caplog.records if "companions are gzip" in r.getMessage()]
+
+    assert said("topk8", 30) == []  # a block over all 3 shards: not more than the 4 a worker keeps
+    monkeypatch.setattr(factory, "GZIP_COMPANIONS_KEPT", 2)  # as with 3 of 4 + 1 shards per block
+    assert said("topk8", 6) == [] and said("topk8_plain", 30) == []  # a block within one shard; plain: by range
+    [msg] = said("topk8", 30)
+    assert "--no-compress" in msg and "shard-000000.tar" in msg and "last 2" in msg
+
+
+def test_truncated_plain_companion_is_a_counted_skip_too(setup, caplog):
+    folder = setup["root"] / "cut_plain"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(setup["root"] / "topk8_plain", folder)
+    comp = folder / "train" / "shard-000001.tar"
+    data = comp.read_bytes()
+    comp.write_bytes(data[: len(data) // 2 + 600])  # inside a member's data; its index is stale: re-indexed at start
+    ld = loader(setup, cache=TeacherCache(folder))
+    keys = [k for b in ld for k in b["keys"]]
+    skips = ld.skips.as_dict()
+    lost = 6 - sum(k.startswith("s1_") for k in keys)
+    assert 0 < lost < 6 and skips["teacher_cache_missing"] == lost and skips["truncated_tar"] == 1
+    assert "indexing 1 shard(s)" in caplog.text and str(comp) in caplog.text
 
 
 def test_missing_key_is_an_error_and_a_changed_shard_stops_at_startup(setup):

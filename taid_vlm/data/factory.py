@@ -16,6 +16,7 @@ from .loader import Loader
 from .node_cache import NodeCache
 from .prepare import Preparer
 from .render import check_spec
+from .sample_reader import GZIP_COMPANIONS_KEPT, index_plain_companions
 from .shard_index import load_indexes
 from .shard_io import use_node_cache
 from .shards import ShardSpec, expand_shards
@@ -46,6 +47,21 @@ def _warn_if_blocks_span_few_shards(shuffle_buffer: int, counts: List[int], firs
                 "mixes them, at ~40 bytes and ~2 us of CPU per sample of a block in each DataLoader worker",
                 shuffle_buffer, shuffle_buffer / typical, first_shard, typical, advised,
                 min(SHARDS_PER_BLOCK_ADVISED, len(counts)))
+
+
+def _warn_if_gzip_companions_thrash(shuffle_buffer: int, counts: List[int], gzip_companions: List[str]) -> None:
+    """Gzip companions are read whole and a worker keeps the last few: a block over more shards than that
+    re-reads a whole companion for most samples (measured 60 kB read and 1.9 ms CPU per sample against 9.8 kB
+    and 0.5 ms for plain companions, benchmarks/companion_io.py)."""
+    counts = sorted(c for c in counts if c)
+    if not gzip_companions or not counts:
+        return
+    spans = min(shuffle_buffer / counts[len(counts) // 2], len(counts))
+    if spans > GZIP_COMPANIONS_KEPT:
+        log.warning("the teacher cache's companions are gzip (%s ...): a DataLoader worker reads one whole each time "
+                    "its samples move to a shard not among its last %d, and a block of shuffle_buffer %d spans about "
+                    "%.0f shards; a cache written with `python -m data_tools.cache_teacher ... --no-compress` is read "
+                    "by byte range instead", gzip_companions[0], GZIP_COMPANIONS_KEPT, shuffle_buffer, spans)
 
 
 def _check_specs(student_spec: InputSpec, teacher_spec: Optional[InputSpec], text_only: bool) -> None:
@@ -104,6 +120,10 @@ def build_loader(
     if shard_cache is not None:
         use_node_cache(shard_cache)
     indexes = load_indexes(paths, write=rank == 0)
+    companion_indexes = index_plain_companions(companion_paths.values(), rank == 0) if companion_paths else None
+    if companion_paths and mode == "train" and rank == 0:
+        _warn_if_gzip_companions_thrash(shuffle_buffer, [ix.samples for ix in indexes],
+                                        sorted(set(companion_paths.values()) - set(companion_indexes)))
     preparer = Preparer(student_spec, teacher_spec, max_length=max_length, caption_instruction=caption_instruction,
                         text_only=text_only, companion=companion, prompt_tokens=prompt_tokens)
     for k, (first, n, _) in enumerate(sources or [(0, len(paths), 1.0)]):
@@ -112,7 +132,7 @@ def build_loader(
             raise ValueError(f"data source {k} ({paths[first]} ...) has no readable sample in {n} shard(s)")
         if mode == "train" and rank == 0:
             _warn_if_blocks_span_few_shards(shuffle_buffer, counts, paths[first])
-    stream = SampleStream(paths, indexes, preparer, settings, companion_paths, sources, shard_cache)
+    stream = SampleStream(paths, indexes, preparer, settings, companion_paths, sources, shard_cache, companion_indexes)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                   multiprocessing_context=multiprocessing_context)
 

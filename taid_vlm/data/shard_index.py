@@ -85,11 +85,16 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)  # atomic: ranks indexing the same shard at once write the same bytes
 
 
+def write_sidecar(ix: ShardIndex) -> None:
+    """The sidecar alone (safe from several processes writing different shards of one folder)."""
+    _write_json(ix.path + SIDECAR_SUFFIX, ix.sidecar())
+
+
 def write_index(indexes: Sequence[ShardIndex]) -> None:
     """Sidecars for ``indexes`` and their folders' summaries (entries of other shards kept)."""
     by_folder: Dict[str, List[ShardIndex]] = {}
     for ix in indexes:
-        _write_json(ix.path + SIDECAR_SUFFIX, ix.sidecar())
+        write_sidecar(ix)
         by_folder.setdefault(os.path.dirname(ix.path), []).append(ix)
     for folder, group in by_folder.items():
         summary = os.path.join(folder, SUMMARY_NAME)

@@ -48,14 +48,15 @@ class SampleStream(IterableDataset):
 
     def __init__(self, shards: List[str], indexes: List[ShardIndex], preparer: Preparer, settings: StreamSettings,
                  companion_paths: Optional[Dict[str, str]] = None, sources: Optional[List[Tuple[int, int, float]]] = None,
-                 shard_cache: Optional[NodeCache] = None):
+                 shard_cache: Optional[NodeCache] = None, companion_indexes: Optional[Dict[str, ShardIndex]] = None):
         """``sources``: a weighted mixture (mixture.py) as (first shard, number of shards, weight) each;
-        ``shard_cache``: where this node keeps remote shards (set again in each worker process)."""
+        ``shard_cache``: where this node keeps remote shards (set again in each worker process);
+        ``companion_indexes``: the plain-tar companions' index (read by byte range)."""
         super().__init__()
         self.shard_cache = shard_cache
         self.sources = sources
         self.shards, self.indexes, self.prepare, self.settings = shards, indexes, preparer, settings
-        self.companion_paths = companion_paths
+        self.companion_paths, self.companion_indexes = companion_paths, companion_indexes
         self.mode, self.seed, self.rank = settings.mode, settings.seed, settings.rank
         self.world_size, self.batch_size = settings.world_size, settings.batch_size
         self.shuffle_buffer = settings.shuffle_buffer if settings.mode == "train" else 1
@@ -73,7 +74,7 @@ class SampleStream(IterableDataset):
         return MixedOrder(self.seed, own)
 
     def reader(self, companion_skips: Optional[SkipCounter] = None) -> SampleReader:
-        return SampleReader(self.indexes, self.companion_paths, companion_skips)
+        return SampleReader(self.indexes, self.companion_paths, companion_skips, self.companion_indexes)
 
     def index_errors(self) -> SkipCounter:
         """Every shard's read errors once (one round): the reasons of a set with no usable sample."""
