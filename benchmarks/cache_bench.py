@@ -62,9 +62,11 @@ def zipf_records(v=151_936, k=64, samples=200, tokens=40):
 
     from taid_vlm.teacher_cache.format import encode
 
+    from taid_vlm.teacher_cache.format import compress_record
+
     g = torch.Generator().manual_seed(0)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
+    buf, per_record = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf, tarfile.open(fileobj=per_record, mode="w") as tr:
         for s in range(samples):
             ranks = torch.randperm(v, generator=g)[: 4 * k].float() + 1  # the head's ids; the rest are tail
             logits = torch.full((tokens, v), -30.0)
@@ -74,12 +76,13 @@ def zipf_records(v=151_936, k=64, samples=200, tokens=40):
             values, ids = logp.topk(k, -1)
             tail = torch.logsumexp(logp.scatter(1, ids, float("-inf")), -1)
             rec = encode(np.zeros(tokens, dtype=np.int32), ids.int().numpy(), values.numpy(), tail.numpy())
-            info = tarfile.TarInfo(f"s{s:05d}.topk")
-            info.size = len(rec)
-            tf.addfile(info, io.BytesIO(rec))
+            for out, data in ((tf, rec), (tr, compress_record(rec))):
+                info = tarfile.TarInfo(f"s{s:05d}.topk")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
     n = samples * tokens
-    return len(raw) / n, len(gzip.compress(raw, compresslevel=1)) / n
+    return len(raw) / n, len(gzip.compress(raw, compresslevel=1)) / n, len(per_record.getvalue()) / n
 
 
 def throughput(out: Path, steps: int, extra) -> float:
@@ -114,9 +117,10 @@ def main() -> int:
             t = m["totals"]
             rows.append((f"tiny_text V=512 k={k} {'gzip' if compress else 'tar'}", t["payload_bytes_per_supervised_token"],
                          t["bytes_per_supervised_token"], t["supervised_tokens"] / max(t["cached"], 1)))
-    plain, gz = zipf_records()
+    plain, gz, gz_records = zipf_records()
     rows.append(("Zipf teacher V=151936 k=64 tar", 392 + 16 / 40, plain, 40))
     rows.append(("Zipf teacher V=151936 k=64 gzip", 392 + 16 / 40, gz, 40))
+    rows.append(("Zipf teacher V=151936 k=64 gzip records", 392 + 16 / 40, gz_records, 40))
     print(f"{'storage':40s} {'payload B/tok':>13s} {'disk B/tok':>11s} {'tok/sample':>10s}")
     for name, payload, disk, per in rows:
         print(f"{name:40s} {payload:13.1f} {disk:11.1f} {per:10.1f}")

@@ -1,9 +1,10 @@
-"""Teacher-cache companions: bytes read and CPU per sample, gzip (read whole) vs plain tar (read by range).
+"""Teacher-cache companions: bytes read and CPU per sample, gzip (read whole) vs records gzipped one by one
+and plain tar (both read by byte range).
 
   python benchmarks/companion_io.py [--shards 32] [--per-shard 50] [--k 64] [--steps 40]
 
 Writes ``--shards`` synthetic text shards (the tiny text recipe's data) and caches the tiny text teacher on
-them twice (top-k, gzip and ``--no-compress``), then runs ONE train-stream worker in this process (the body a
+them three times (top-k; ``--compress stream``, ``records``, ``none``), then runs ONE train-stream worker in this process (the body a
 DataLoader worker runs) over ``--steps`` micro-batches of 4 after 5 of warm-up, with a shuffle_buffer of one
 shard's worth and of all shards, and prints kB read per sample (``rchar``: data shards, companions, index
 files), the companion payload per sample (6k + 8 bytes per supervised token) for scale, and CPU ms per sample.
@@ -48,7 +49,7 @@ def main() -> None:
                             "student": {"model": str(models / "tiny_text_student.yaml")},
                             "data": {"train": str(data / "train"), "val": None, "text_only": True, "max_length": 256}})
     caches = {}
-    for name, compress in (("gzip", True), ("plain", False)):
+    for name, compress in (("gzip", "stream"), ("records", "records"), ("plain", "none")):
         folder = out / f"cache_{name}"
         if not (folder / "manifest.json").exists():
             write_cache(cfg, folder, k=a.k, splits=("train",), compress=compress)

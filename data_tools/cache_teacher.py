@@ -42,7 +42,11 @@ def _main(argv: List[str]) -> int:
     ap.add_argument("--split", choices=("train", "val", "both"), default="both")
     ap.add_argument("--batch-size", type=int, help="samples per teacher forward (default: train.micro_batch_size)")
     ap.add_argument("--logprob-dtype", choices=("float16", "float32"), default="float16")
-    ap.add_argument("--no-compress", action="store_true", help="plain tar companions (default: gzip level 1)")
+    ap.add_argument("--compress", choices=("stream", "records", "none"), default="stream",
+                    help="stream: gzip each companion tar whole (smallest; read whole by each data-loader worker); "
+                         "records: gzip each record in a plain tar (read by byte range: for shuffle blocks spanning "
+                         "many shards); none: plain tar (default: stream)")
+    ap.add_argument("--no-compress", action="store_true", help="the same as --compress none")
     ap.add_argument("--overwrite", action="store_true", help="rewrite companion shards that are already finished")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     a = ap.parse_intermixed_args(argv)  # overrides may follow options
@@ -57,7 +61,7 @@ def _main(argv: List[str]) -> int:
     cfg = load_config(a.config, list(a.overrides))
     splits = ("train", "val") if a.split == "both" else (a.split,)
     manifest = write_cache(cfg, a.out, k=a.k, splits=splits, batch_size=a.batch_size, logprob_dtype=a.logprob_dtype,
-                           overwrite=a.overwrite, compress=not a.no_compress, kind=a.format,
+                           overwrite=a.overwrite, compress="none" if a.no_compress else a.compress, kind=a.format,
                            hidden_dtype=a.hidden_dtype, tail=a.tail)
     if manifest is not None:
         t = manifest["totals"]

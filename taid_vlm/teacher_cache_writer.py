@@ -199,11 +199,24 @@ class _TeacherRecords:
         return [(int(t.shape[0]), *self.layout.encode(t, r)) for t, r in zip(targets, per_sample)]
 
 
+# --compress: the whole companion gzipped (smallest, read whole), each record gzipped in a plain tar (read
+# by byte range), or plain; the manifest's "compression" names them as below (None: plain)
+COMPRESSIONS = {"stream": "gzip", "records": "gzip-records", "none": None}
+
+
+def compression_mode(compress) -> str:
+    """``compress`` as write_cache takes it (True / False as before, or a COMPRESSIONS name) -> the name."""
+    mode = {True: "stream", False: "none", None: "none"}.get(compress, compress)
+    if mode not in COMPRESSIONS:
+        raise ValueError(f"compress must be one of {sorted(COMPRESSIONS)}, got {compress!r}")
+    return mode
+
+
 class _CompanionShard:
-    """One companion tar being written to ``NAME.tmp`` (gzip level 1 when ``compress``), renamed into place
+    """One companion tar being written to ``NAME.tmp`` (gzip level 1 as ``compress`` says), renamed into place
     and its statistics stored under ``.parts/`` by ``finish``."""
 
-    def __init__(self, out: Path, job: _ShardJob, compress: bool):
+    def __init__(self, out: Path, job: _ShardJob, compress: str):
         import webdataset as wds
 
         self.out, self.job = out, job
@@ -212,7 +225,8 @@ class _CompanionShard:
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.raw_file = open(self.tmp, "wb")
         self.stream = (gzip.GzipFile(filename="", fileobj=self.raw_file, mode="wb", compresslevel=1, mtime=0)
-                       if compress else self.raw_file)
+                       if compress == "stream" else self.raw_file)
+        self.per_record = compress == "records"
         self.writer = wds.TarWriter(self.stream, mtime=0)
         self.cached = self.tokens = self.payload = 0
 
@@ -224,7 +238,7 @@ class _CompanionShard:
                 self.writer.write({"__key__": key, fmt.SKIP_FIELD: r.encode()})
                 continue
             n, field, rec = next(results)
-            self.writer.write({"__key__": key, field: rec})
+            self.writer.write({"__key__": key, field: fmt.compress_record(rec) if self.per_record else rec})
             self.cached += 1
             self.tokens += n
             self.payload += len(rec)
@@ -237,7 +251,7 @@ class _CompanionShard:
         os.fsync(self.raw_file.fileno())
         self.raw_file.close()
         os.replace(self.tmp, self.final)
-        if self.stream is self.raw_file:  # plain tar: indexed now, read by byte range (sample_reader.py)
+        if self.stream is self.raw_file:  # a plain tar (records gzipped or not): indexed now, read by byte range
             write_sidecar(build_index(str(self.final)))
         job = self.job
         entry = {"split": job.split, "source": os.path.realpath(job.source), "companion": job.companion,
@@ -296,7 +310,7 @@ def _work(mine: List[_ShardJob], out: Path, preparer: Preparer, bs: int, resumab
 
 
 def _write_companions(work: Iterator, run_teacher: _TeacherRecords, out: Path, lockstep: bool, device, rank: int,
-                      compress: bool) -> None:
+                      compress: str) -> None:
 
     shard = None
     shown = LoopProgress(f"teacher cache (rank {rank})", unit="samples", enabled=rank == 0)
@@ -351,15 +365,18 @@ def _check_resumed_layout(out: Path, layout: CacheLayout, rank: int, overwrite: 
 
 
 def write_cache(cfg, out, k: int = 64, splits: Sequence[str] = ("train", "val"), batch_size: Optional[int] = None,
-                logprob_dtype: str = "float16", overwrite: bool = False, compress: bool = True, kind: str = "topk",
+                logprob_dtype: str = "float16", overwrite: bool = False, compress="stream", kind: str = "topk",
                 hidden_dtype: Optional[str] = None, tail: str = "uniform") -> Optional[dict]:
-    """Every rank calls this. Returns the manifest on rank 0 (None elsewhere). ``compress``: gzip each
-    companion tar (level 1; the file name stays ``.tar``, readers detect gzip by its magic bytes). It
-    removes the tar headers' and paddings' zeros and the ids' zero high bytes at little CPU cost.
+    """Every rank calls this. Returns the manifest on rank 0 (None elsewhere). ``compress`` (COMPRESSIONS;
+    True / False mean "stream" / "none"): "stream" gzips each companion tar (level 1; the file name stays
+    ``.tar``, readers detect gzip by its magic bytes), which removes the tar headers' and paddings' zeros and
+    the ids' zero high bytes at little CPU cost, but a reader must read it whole; "records" gzips each record
+    alone inside a plain tar that readers seek into (index sidecar written beside it); "none": plain.
     ``kind``: "topk" (``k``, ``logprob_dtype``, ``tail``) or "hidden" (the teacher's final hidden states
     in ``hidden_dtype``, default the teacher's dtype, which makes the cache exact; lm_head stored once)."""
 
     layout = cache_layout(kind, k, logprob_dtype, hidden_dtype, tail)
+    compress = compression_mode(compress)
     if cfg.teacher.model is None:
         raise ValueError("teacher.model: the cache writer needs the teacher model config")
     if kind == "hidden" and hidden_dtype is None:
@@ -417,7 +434,7 @@ def _store_lm_head(teacher, out: Path, vocab_size: int, rank: int) -> dict:
     return entry
 
 
-def _manifest(cfg, spec, layout: CacheLayout, vocab_size: int, compress: bool, fingerprint: str,
+def _manifest(cfg, spec, layout: CacheLayout, vocab_size: int, compress: str, fingerprint: str,
               caption: str, entries: List[dict], writer: dict, lm_head: Optional[dict]) -> dict:
 
     settings = rendering_settings(spec, cfg.data.max_length, cfg.data.text_only, caption)
@@ -432,7 +449,7 @@ def _manifest(cfg, spec, layout: CacheLayout, vocab_size: int, compress: bool, f
                 "bytes_per_token_payload": fmt.bytes_per_token(layout.k, layout.logprob_dtype)}
     return {
         "format": FORMAT, **what, "complete": True, "vocab_size": vocab_size,
-        "compression": "gzip" if compress else None,
+        "compression": COMPRESSIONS[compress],
         "teacher": {"config": json.loads(json.dumps(cfg.teacher.model, default=str)), "placement": cfg.teacher.placement,
                     "dtype": str(teacher_dtype(cfg)).replace("torch.", ""), "weights_fingerprint": fingerprint},
         "tokenizer": {"vocab_hash": vocab_hash(spec.tokenizer), "size": vocab_size},

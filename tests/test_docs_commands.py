@@ -338,7 +338,7 @@ def run_companion_io(cmd: Command, ws: Workspace) -> None:
     argv = ["benchmarks/companion_io.py", "--shards", "3", "--per-shard", "8", "--steps", "2",
             "--out", str(ws.root / "companion_io")]
     proc = ws.run(argv, cmd.env, cwd=ws.root)
-    assert proc.stdout.count(" plain ") == 2 and proc.stdout.count(" gzip ") == 2, f"{cmd.where}: {proc.stdout[-500:]}"
+    assert all(proc.stdout.count(f" {name} ") == 2 for name in ("gzip", "records", "plain")), proc.stdout[-500:]
 
 
 def run_index_shards(cmd: Command, ws: Workspace) -> None:

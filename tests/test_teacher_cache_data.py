@@ -56,6 +56,7 @@ def setup(tmp_path_factory):
     cfg = run_config(str(root / "data"))
     manifest = write_cache(cfg, root / "topk8", k=8, splits=("train",))
     write_cache(cfg, root / "topk8_plain", k=8, splits=("train",), compress=False)
+    write_cache(cfg, root / "topk8_records", k=8, splits=("train",), compress="records")
     torch.manual_seed(cfg.seed)  # as the trainer builds them (student first): the writer's teacher too
     student = build_role_model(cfg.student.model, "student")
     teacher = build_role_model(cfg.teacher.model, "teacher").eval()
@@ -260,14 +261,20 @@ def test_truncated_companion_is_a_counted_skip(setup):
     assert [k for k in keys if not k.startswith("s1_")] == [f"s{s}_{i:02d}" for s in (0, 2) for i in range(6)]
 
 
-def test_plain_companions_are_read_by_byte_range_and_give_the_gzip_rows(setup, monkeypatch):
-    """cache_teacher --no-compress: each companion indexed as it is written, its records then read by range
-    (never whole), the same rows in the same batches as the gzip cache, under shuffle, workers and resume."""
+@pytest.mark.parametrize("name", ["topk8_plain", "topk8_records"])
+def test_plain_tar_companions_are_read_by_byte_range_and_give_the_gzip_rows(setup, monkeypatch, name):
+    """cache_teacher --compress none / records: each companion indexed as it is written, its records then
+    read by range (never whole), the same rows in the same batches as the gzip cache, under shuffle and
+    resume; records: each record gzipped alone (its size: test_teacher_cache_formats.py)."""
     import taid_vlm.data.sample_reader as sample_reader
 
-    plain, gz = TeacherCache(setup["root"] / "topk8_plain"), TeacherCache(setup["root"] / "topk8")
-    assert sorted(p.name for p in (setup["root"] / "topk8_plain" / "train").glob("*.tar.idx")) == \
+    plain, gz = TeacherCache(setup["root"] / name), TeacherCache(setup["root"] / "topk8")
+    assert sorted(p.name for p in (setup["root"] / name / "train").glob("*.tar.idx")) == \
         [f"shard-{s:06d}.tar.idx" for s in range(3)]
+    assert plain.manifest["compression"] == {"topk8_plain": None, "topk8_records": "gzip-records"}[name]
+    with tarfile.open(setup["root"] / name / "train" / "shard-000000.tar") as tf:  # a plain tar either way
+        record = next(tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".topk"))
+    assert record[:2] == (b"\x1f\x8b" if name == "topk8_records" else b"TK")
     kw = dict(mode="train", num_workers=0, seed=3, shuffle_buffer=4, batch_size=3)
     it = iter(loader(setup, cache=gz, **kw))
     want = [_sig(next(it)) for _ in range(10)]
@@ -302,7 +309,7 @@ def test_gzip_companions_over_many_shards_per_block_are_warned_plain_ones_are_no
     monkeypatch.setattr(factory, "GZIP_COMPANIONS_KEPT", 2)  # as with 3 of 4 + 1 shards per block
     assert said("topk8", 6) == [] and said("topk8_plain", 30) == []  # a block within one shard; plain: by range
     [msg] = said("topk8", 30)
-    assert "--no-compress" in msg and "shard-000000.tar" in msg and "last 2" in msg
+    assert "--compress records" in msg and "shard-000000.tar" in msg and "last 2" in msg
 
 
 def test_truncated_plain_companion_is_a_counted_skip_too(setup, caplog):

@@ -112,6 +112,22 @@ def test_hidden_record_round_trip(dtype):
         fmt.decode(data[:-2])
 
 
+def test_a_gzipped_record_decodes_as_the_record_and_a_broken_one_is_a_record_error():
+    """--compress records: each record gzipped alone; decode takes it by the gzip magic."""
+    g = torch.Generator().manual_seed(0)
+    n, k, v = 40, 64, 151_936  # a Zipf-like peaked teacher at Qwen2's vocabulary, as cache_bench's storage rows
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)]).int().numpy()
+    logprobs = (-2.0 * np.log(np.arange(1, k + 1)) - 0.1 * np.random.default_rng(0).random((n, k))).astype(np.float32)
+    record = fmt.encode(np.arange(n, dtype=np.int32), ids, logprobs, np.full(n, -5.0, np.float32))
+    packed = fmt.compress_record(record)
+    assert packed[:2] == fmt.GZIP_MAGIC and packed == fmt.compress_record(record)  # the same bytes each run
+    assert len(packed) < 0.8 * len(record)  # the ids' high zero bytes and float16 exponents (measured ~0.7)
+    a, b = fmt.decode(record), fmt.decode(packed)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.targets, b.targets)
+    with pytest.raises(fmt.CacheRecordError, match="cannot be decompressed"):
+        fmt.decode(packed[:-10])
+
+
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")

@@ -51,8 +51,8 @@ def _warn_if_blocks_span_few_shards(shuffle_buffer: int, counts: List[int], firs
 
 def _warn_if_gzip_companions_thrash(shuffle_buffer: int, counts: List[int], gzip_companions: List[str]) -> None:
     """Gzip companions are read whole and a worker keeps the last few: a block over more shards than that
-    re-reads a whole companion for most samples (measured 60 kB read and 1.9 ms CPU per sample against 9.8 kB
-    and 0.5 ms for plain companions, benchmarks/companion_io.py)."""
+    re-reads a whole companion for most samples (benchmarks/companion_io.py: 60 kB read and 1.9 ms CPU per
+    sample against ~10 kB and 0.5 ms for companions read by range)."""
     counts = sorted(c for c in counts if c)
     if not gzip_companions or not counts:
         return
@@ -60,8 +60,9 @@ def _warn_if_gzip_companions_thrash(shuffle_buffer: int, counts: List[int], gzip
     if spans > GZIP_COMPANIONS_KEPT:
         log.warning("the teacher cache's companions are gzip (%s ...): a DataLoader worker reads one whole each time "
                     "its samples move to a shard not among its last %d, and a block of shuffle_buffer %d spans about "
-                    "%.0f shards; a cache written with `python -m data_tools.cache_teacher ... --no-compress` is read "
-                    "by byte range instead", gzip_companions[0], GZIP_COMPANIONS_KEPT, shuffle_buffer, spans)
+                    "%.0f shards; a cache written with `python -m data_tools.cache_teacher ... --compress records` "
+                    "(or `none`) is read by byte range instead", gzip_companions[0], GZIP_COMPANIONS_KEPT,
+                    shuffle_buffer, spans)
 
 
 def _check_specs(student_spec: InputSpec, teacher_spec: Optional[InputSpec], text_only: bool) -> None:

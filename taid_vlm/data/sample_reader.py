@@ -3,9 +3,9 @@ those bytes (shard_io.read_range), paired with its cached-teacher companion reco
 cache is read.
 
 Companions (taid_vlm.teacher_cache) hold one record per raw data sample, under the same ``__key__``, in
-the same order. A plain-tar companion (``cache_teacher --no-compress``) is indexed like a data shard and
-its records are read by byte range too. A gzip companion (the default: ~30 % smaller at Qwen's
-vocabulary) has no byte offsets to seek to: a worker reads it whole the first time it needs one of its
+the same order. A plain-tar companion (``cache_teacher --compress records`` or ``none``) is indexed like a
+data shard and its records are read by byte range too. A gzip companion (``--compress stream``, the
+default) has no byte offsets to seek to: a worker reads it whole the first time it needs one of its
 records and keeps the last few in memory, so its bytes are read again whenever a worker's samples move
 among more shards than that (docs/data_at_scale.md).
 """

@@ -23,10 +23,16 @@ per raw data sample:
   (lm_head.py). The teacher's logits are then rebuilt exactly as the online teacher computes them.
 - ``KEY.skip``: the sample could not be rendered for the teacher (utf-8 reason, e.g. ``corrupt_image``);
   training skips it under that reason. It keeps the companion one-to-one with the data shard.
+
+Compression (``cache_teacher --compress``): ``stream`` (the default) gzips the whole companion tar;
+``records`` gzips each record alone inside a plain tar, which stays seekable (the data pipeline reads such
+records by byte range, data/sample_reader.py); ``none`` stores them plain. ``decode`` takes a gzipped record
+as it is (by the gzip magic, which no record header starts with).
 """
 
 from __future__ import annotations
 
+import gzip
 import struct
 from typing import NamedTuple, Optional
 
@@ -159,8 +165,22 @@ def encode(targets, ids, logprobs, log_tail, logprob_dtype: str = "float16") -> 
     return HEADER.pack(MAGIC, VERSION, DTYPE_CODES[logprob_dtype], 0, k, n) + b"".join(p.tobytes() for p in parts)
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def compress_record(record: bytes) -> bytes:
+    """One record gzipped on its own (``--compress records``; level 1, no timestamp: the same bytes each run)."""
+    return gzip.compress(record, compresslevel=1, mtime=0)
+
+
 def decode(data: bytes):
-    """A top-k record (TopKRecord) or a hidden-state record (HiddenRecord), by its magic."""
+    """A top-k record (TopKRecord) or a hidden-state record (HiddenRecord), by its magic; gunzipped first
+    when it is a gzipped record."""
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise CacheRecordError(f"gzipped record cannot be decompressed ({e})") from None
     if len(data) < HEADER.size:
         raise CacheRecordError(f"record of {len(data)} bytes is shorter than its header")
     magic, version, code, _, k, n = HEADER.unpack_from(data)
