@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest_plugins = ["tests.cpu_durations"]  # --cpu-durations=N
+pytest_plugins = ["tests.cpu_durations", "pytester"]  # --cpu-durations=N; pytester: test_cpu_durations.py
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-_rows: list[tuple[float, float, str]] = []
+ROWS = pytest.StashKey[list]()  # (cpu_s, wall_s, nodeid) per test, on the session's config
 
 
 def pytest_addoption(parser):
@@ -33,18 +33,19 @@ def pytest_runtest_protocol(item, nextitem):
         return
     cpu0, wall0 = _cpu(), time.perf_counter()
     yield  # setup + call + teardown: a module fixture's cost lands on the test that first asked for it
-    _rows.append((_cpu() - cpu0, time.perf_counter() - wall0, item.nodeid))
+    item.config.stash.setdefault(ROWS, []).append((_cpu() - cpu0, time.perf_counter() - wall0, item.nodeid))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     n = config.getoption("--cpu-durations")
     path = config.getoption("--cpu-durations-file")
+    rows = config.stash.get(ROWS, [])
     if path:
         with open(path, "w") as f:
-            f.writelines(f"{c:.2f}\t{w:.2f}\t{nodeid}\n" for c, w, nodeid in _rows)
-    if n is None or not _rows:
+            f.writelines(f"{c:.2f}\t{w:.2f}\t{nodeid}\n" for c, w, nodeid in rows)
+    if n is None or not rows:
         return
-    rows = sorted(_rows, reverse=True)
+    rows = sorted(rows, reverse=True)
     total = sum(c for c, _, _ in rows)
     terminalreporter.write_sep("=", f"most CPU (this process + waited-for subprocesses): {total:.0f} s in all")
     for cpu, wall, nodeid in rows[: n or None]:
