@@ -18,13 +18,12 @@ from typing import Any, Dict, Optional, Sequence
 from .node_cache import FetchError
 from .prepare import COMPANION_FIELD, COMPANION_SKIP, READ_SKIP
 from .shard_index import ShardIndex, load_indexes, load_spans
-from .shard_io import local_file, open_file, read_range, read_shard
+from .shard_io import GZIP_MAGIC, local_file, open_file, read_range, read_shard
 from .skips import FETCH_ERROR, SkipCounter
 
 COMPANION_RECORD = "topk"  # the member of a companion record (top-k or hidden states: same name)
 COMPANION_SKIP_RECORD = "skip"  # the member the cache writer leaves for a sample it skipped
 TEACHER_CACHE_MISSING = "teacher_cache_missing"
-GZIP_MAGIC = b"\x1f\x8b"
 GZIP_COMPANIONS_KEPT = 4  # whole gzip companions a worker keeps decoded
 
 

@@ -27,6 +27,7 @@ from .shards import is_remote
 from .skips import FETCH_ERROR, TAR_ERROR, TRUNCATED_TAR, SkipCounter
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator default
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip stream (a gzipped shard, companion or record)
 _NODE_CACHE: List[Optional[NodeCache]] = [None]
 
 

@@ -38,6 +38,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from taid_vlm.data.shard_io import GZIP_MAGIC
+
 MAGIC = b"TKC1"
 HIDDEN_MAGIC = b"THC1"
 VERSION = 1
@@ -163,9 +165,6 @@ def encode(targets, ids, logprobs, log_tail, logprob_dtype: str = "float16") -> 
         raise ValueError(f"encode: shapes targets {parts[0].shape}, ids {(n, k)}, logprobs {parts[2].shape}, "
                          f"log_tail {parts[3].shape} do not fit together")
     return HEADER.pack(MAGIC, VERSION, DTYPE_CODES[logprob_dtype], 0, k, n) + b"".join(p.tobytes() for p in parts)
-
-
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 def compress_record(record: bytes) -> bytes:
