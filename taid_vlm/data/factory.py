@@ -32,32 +32,36 @@ FEW_SHARDS_PER_BLOCK = 8
 SHARDS_PER_BLOCK_ADVISED = 64
 
 
+def _block_span(shuffle_buffer: int, counts: List[int]) -> Tuple[List[int], int, float]:
+    """(the shards' nonzero sample counts sorted, their median, about how many such shards a block of
+    ``shuffle_buffer`` samples spans); the median is 0 and the span 0.0 when no shard has a sample."""
+    counts = sorted(c for c in counts if c)
+    typical = counts[len(counts) // 2] if counts else 0
+    return counts, typical, shuffle_buffer / typical if typical else 0.0
+
+
 def _warn_if_blocks_span_few_shards(shuffle_buffer: int, counts: List[int], first_shard: str) -> None:
     """One warning (rank 0, train) when the block shuffle mixes only a few shards' worth of samples."""
-    counts = sorted(c for c in counts if c)
+    counts, typical, spans = _block_span(shuffle_buffer, counts)
     per_round = sum(counts)
     if len(counts) < 2 or 2 * shuffle_buffer >= per_round:
         return  # one shard, or a block already spans half the data
-    typical = counts[len(counts) // 2]
-    if shuffle_buffer >= FEW_SHARDS_PER_BLOCK * typical:
+    if spans >= FEW_SHARDS_PER_BLOCK:
         return
     advised = min(SHARDS_PER_BLOCK_ADVISED * typical, per_round)
     log.warning("shuffle_buffer %d spans about %.1f shard(s) of %s ... (%d samples each, median): every global batch "
                 "is drawn from about that many shards; data.shuffle_buffer=%d (%d shards' worth, or the whole set) "
                 "mixes them, at ~40 bytes and ~2 us of CPU per sample of a block in each DataLoader worker",
-                shuffle_buffer, shuffle_buffer / typical, first_shard, typical, advised,
-                min(SHARDS_PER_BLOCK_ADVISED, len(counts)))
+                shuffle_buffer, spans, first_shard, typical, advised, min(SHARDS_PER_BLOCK_ADVISED, len(counts)))
 
 
 def _warn_if_gzip_companions_thrash(shuffle_buffer: int, counts: List[int], gzip_companions: List[str]) -> None:
     """Gzip companions are read whole and a worker keeps the last few: a block over more shards than that
     re-reads a whole companion for most samples (benchmarks/companion_io.py: 60 kB read and 1.9 ms CPU per
     sample against ~10 kB and 0.5 ms for companions read by range)."""
-    counts = sorted(c for c in counts if c)
-    if not gzip_companions or not counts:
-        return
-    spans = min(shuffle_buffer / counts[len(counts) // 2], len(counts))
-    if spans > GZIP_COMPANIONS_KEPT:
+    counts, _, spans = _block_span(shuffle_buffer, counts)
+    spans = min(spans, len(counts))
+    if gzip_companions and spans > GZIP_COMPANIONS_KEPT:
         log.warning("the teacher cache's companions are gzip (%s ...): a DataLoader worker reads one whole each time "
                     "its samples move to a shard not among its last %d, and a block of shuffle_buffer %d spans about "
                     "%.0f shards; a cache written with `python -m data_tools.cache_teacher ... --compress records` "
