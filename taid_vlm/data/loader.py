@@ -111,6 +111,11 @@ class Loader:
         return total
 
     @property
+    def raw_samples(self) -> int:
+        """Raw samples in one round of its shards, from the shard index (unusable ones included)."""
+        return sum(ix.samples for ix in self.stream.indexes)
+
+    @property
     def stats(self) -> Dict[str, int]:
         """samples, batches, supervised_tokens, truncated, unaligned_tokens_dropped (this rank)."""
         total = Counter(self._base_stats)

@@ -10,8 +10,6 @@ from typing import Optional
 
 import torch
 
-from ..data.node_cache import FetchError
-from ..data.shard_index import StaleIndexError, load_indexes
 from .preflight import all_shards
 
 
@@ -27,21 +25,15 @@ def parameter_counts(module: Optional[torch.nn.Module]) -> Optional[dict]:
     return {"total": total, "trainable": trainable}
 
 
-def count_samples(shards: list[str]) -> Optional[int]:
-    """Samples the loader reads from ``shards``, from the shard index (no shard is opened: the loader has
-    just loaded or built it), or None when the index cannot be read."""
-    try:
-        return sum(ix.samples for ix in load_indexes(shards, write=False))
-    except (StaleIndexError, FetchError, OSError, ValueError):
-        return None
-
-
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
 
 def summary_lines(teacher, student, world: int, micro_batch: int, grad_accum: int, max_length: int,
-                  shards: dict[str, list[str]], teacher_cache: Optional[str] = None, device: str = "") -> list[str]:
+                  shards: dict[str, list[str]], samples: dict[str, int], teacher_cache: Optional[str] = None,
+                  device: str = "") -> list[str]:
+    """``samples``: the raw samples of each of ``shards``' sets, as its loader counted them from the shard
+    index (Loader.raw_samples; no shard or index is read again here); a set without one: count unknown."""
     lines = []
     for role, module in (("student", student), ("teacher", teacher)):
         counts = parameter_counts(module)
@@ -56,7 +48,7 @@ def summary_lines(teacher, student, world: int, micro_batch: int, grad_accum: in
                  f"(max_length {max_length})")
     for name, listed in shards.items():
         found = all_shards(listed)  # a weighted mixture's sources, one after another
-        n = count_samples(found)
+        n = samples.get(name)
         where = found[0] if len(found) == 1 else f"{found[0]} .. {found[-1]}"
         counted = f"{n} samples" if n is not None else "sample count unknown"
         lines.append(f"data.{name}: {len(found)} shard{'s' if len(found) != 1 else ''} ({where}), {counted}")

@@ -136,13 +136,17 @@ class Trainer:
 
     def _check_data_and_log_summary(self) -> None:
         """An all-bad train or val set fails now (skip reasons listed), not as a hang or a 0.0 metric."""
-        for data in [self.train_loader] + ([self.make_val_loader()] if self.make_val_loader is not None else []):
+        loaders = {"train": self.train_loader}
+        if self.make_val_loader is not None:
+            loaders["val"] = self.make_val_loader()
+        for data in loaders.values():
             data.check_usable()
         if self.rank == 0:
             t = self.cfg.train
+            samples = {name: data.raw_samples for name, data in loaders.items()}
             for line in summary_lines(self.teacher_model, self.student_model, self.world, t.micro_batch_size,
-                                      t.grad_accum, self.cfg.data.max_length, self.shards, self.cfg.teacher.cache,
-                                      self.device.type):
+                                      t.grad_accum, self.cfg.data.max_length, self.shards, samples,
+                                      self.cfg.teacher.cache, self.device.type):
                 log.info(line)
 
     # ---- resume ----------------------------------------------------------------------------------
