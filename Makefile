@@ -23,15 +23,15 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 # The unit tier: every module, the losses against float64 references, in-process trainer steps,
-# checkpoint and signal safety (881 tests, 2.9 min in a fresh clone's CI run, 2026-12-07).
+# checkpoint and signal safety (881 tests, 3.0 min in a fresh clone's CI run, 2026-12-07).
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 # The end-to-end tier (marked `slow`): real `taid-vlm` / `deepspeed` launches in subprocesses,
-# multi-process ZeRO runs, every shipped recipe, the docs' commands (91 tests, 11.9 min, 2026-12-07). CI runs both tiers.
+# multi-process ZeRO runs, every shipped recipe, the docs' commands (91 tests, 12.3 min, 2026-12-07). CI runs both tiers.
 # Two pytest processes side by side: most e2e time is one subprocess at a time on one core. Shard A is the
 # docs' commands and the experiments CLI (they share the demo --quick fixture) plus the multi-process files
-# that even out the two shards (in today's last CI run A took 711 s and 645 s of CPU, B 693 s and 663 s, per
+# that even out the two shards (in today's last CI run A took 739 s and 668 s of CPU, B 719 s and 700 s, per
 # `--cpu-durations`, which lists the costliest tests at the end of each shard); shard B the rest. B prints as it runs, A's log is printed when both have ended; the target fails if either shard failed.
 E2E_A := tests/test_docs_commands.py tests/test_experiments_cli.py tests/test_sampling_world_size.py \
          tests/test_remote_shards_train.py tests/test_generation_metric_zero3.py
